@@ -1,0 +1,3 @@
+from ckpt_watch.cli import main
+
+main()

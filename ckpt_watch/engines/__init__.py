@@ -1,0 +1,1 @@
+"""Engines: where a checkpoint's adapter is loaded and queried."""

@@ -1,0 +1,18 @@
+"""Pick the engine the config asks for; heavy imports happen only for the chosen kind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ckpt_watch.config import Config
+from ckpt_watch.engines.base import Engine
+
+
+def make_engine(config: Config, results_dir: Path | None = None) -> Engine:
+    if config.engine.kind == "hf":
+        from ckpt_watch.engines.hf import HFEngine
+
+        return HFEngine(config.base_model, config.engine)
+    from ckpt_watch.engines.vllm import VLLMEngine
+
+    return VLLMEngine(config, results_dir=results_dir)

@@ -1,0 +1,1 @@
+"""Sinks: where finished suite results go (JSON files, MLflow)."""
