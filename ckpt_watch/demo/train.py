@@ -98,11 +98,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--step-sleep", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument("--save-base", default=None, help="also save the base model here (for the tiny model)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     model, tokenizer, base_path = build_model(args.model)
+    if args.save_base:
+        # engines need the exact base weights the adapters were trained on
+        model.save_pretrained(args.save_base)
+        tokenizer.save_pretrained(args.save_base)
     lora = LoraConfig(
         r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],

@@ -1,0 +1,168 @@
+"""Discovery: turn folders under the watch dir into complete, snapshotted checkpoints.
+
+Each poll looks at the folders named by watcher events (and all of them on a rescan),
+waits until a folder has been unchanged for `settle_seconds`, checks it, snapshots it and
+records it in the ledger, where the scheduler queues its due suites. A folder that is
+still being written is simply looked at again later; one that is stable but invalid
+counts an attempt and is marked failed after `max_attempts`; one rotated away before its
+snapshot is recorded as vanished. Nothing here raises for a bad checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ckpt_watch.checkpoints import Fingerprint, Layout, Readiness, check_checkpoint, fingerprint, scan
+from ckpt_watch.config import WatchConfig
+from ckpt_watch.core import CheckpointError
+from ckpt_watch.ledger import CkptState, Ledger
+from ckpt_watch.scheduler import Scheduler
+from ckpt_watch.snapshot import CheckpointVanished, snapshot_dir, take_snapshot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Tracked:
+    path: Path
+    fp: Fingerprint
+    since: float  # monotonic time this fingerprint was first seen
+    last_reason: str = ""
+    waiting: bool = True  # settling (True) or incomplete/invalid awaiting change (False)
+
+
+class Discovery:
+    def __init__(self, watch_dir: Path, config: WatchConfig, ledger: Ledger, scheduler: Scheduler, run: str,
+                 cache_root: Path):
+        self.watch_dir = watch_dir
+        self.config = config
+        self.layout = Layout(config)
+        self.ledger = ledger
+        self.scheduler = scheduler
+        self.run = run
+        self.cache_root = cache_root
+        self._hints: set[str] = set()
+        self._rescan_requested = True
+        self._lock = threading.Lock()
+        self._tracked: dict[int, _Tracked] = {}
+        self._last_rescan = float("-inf")
+
+    # called from the watcher thread: O(1), no filesystem work
+    def hint(self, name: str | None) -> None:
+        with self._lock:
+            if name is None:
+                self._rescan_requested = True
+            elif self.layout.step_of(name) is not None:
+                self._hints.add(name)
+
+    def settling(self) -> bool:
+        """Some folder is waiting out its settle time (so --once should wait for it)."""
+        return any(t.waiting for t in self._tracked.values())
+
+    def seconds_until_due(self) -> float:
+        now = time.monotonic()
+        waits = [self._last_rescan + self.config.rescan_seconds - now]
+        waits += [t.since + self.config.settle_seconds - now for t in self._tracked.values() if t.waiting]
+        waits += [self.config.settle_seconds for t in self._tracked.values() if not t.waiting]
+        return max(0.05, min(waits))
+
+    def poll(self) -> list[int]:
+        """Look at what changed; returns the steps that became ready (snapshotted) now."""
+        now = time.monotonic()
+        with self._lock:
+            hints, self._hints = self._hints, set()
+            rescan = self._rescan_requested or now - self._last_rescan >= self.config.rescan_seconds
+            self._rescan_requested = False
+        candidates: dict[int, Path] = {}
+        if rescan:
+            self._last_rescan = now
+            candidates = scan(self.watch_dir, self.layout)
+            for step in set(self._tracked) - set(candidates):
+                self._vanished(step, self._tracked.pop(step).path)
+        for name in hints:
+            step = self.layout.step_of(name)
+            if step is not None:
+                candidates[step] = self.watch_dir / name
+        for step, t in self._tracked.items():
+            candidates.setdefault(step, t.path)
+        ready = []
+        for step, path in sorted(candidates.items()):
+            if self._consider(step, path, forced=step in {self.layout.step_of(h) for h in hints}):
+                ready.append(step)
+        return ready
+
+    def _consider(self, step: int, path: Path, forced: bool) -> bool:
+        row = self.ledger.checkpoint(self.run, step)
+        if row is not None and row.state in (CkptState.READY, CkptState.VANISHED):
+            self._tracked.pop(step, None)
+            return False
+        if not path.is_dir():
+            if step in self._tracked:
+                self._vanished(step, self._tracked.pop(step).path)
+            return False
+        fp, newest = fingerprint(path)
+        now = time.monotonic()
+        tracked = self._tracked.get(step)
+        if tracked is None or tracked.fp != fp:
+            if row is not None and row.state is CkptState.FAILED and tracked is None and not forced:
+                return False  # failed before; only an event (the folder changed) re-opens it
+            tracked = self._tracked[step] = _Tracked(path, fp, now)
+        settled = now - tracked.since >= self.config.settle_seconds or time.time() - newest >= self.config.settle_seconds
+        if not settled:
+            tracked.waiting = True
+            return False
+        check = check_checkpoint(path, step, self.layout, self.watch_dir)
+        if check.state is Readiness.INCOMPLETE:
+            tracked.waiting, tracked.last_reason = False, check.reason
+            if row is None:
+                self.ledger.set_checkpoint(self.run, step, CkptState.SEEN, path=str(path), error=check.reason)
+            return False
+        if check.state is Readiness.INVALID:
+            return self._invalid(step, path, tracked, check.reason)
+        try:
+            snap = take_snapshot(path, self.watch_dir, snapshot_dir(self.cache_root, self.run, step))
+        except CheckpointVanished as exc:
+            self._tracked.pop(step, None)
+            self.ledger.set_checkpoint(self.run, step, CkptState.VANISHED, path=str(path), error=str(exc))
+            log.warning("step %d: %s", step, exc)
+            return False
+        except CheckpointError as exc:
+            if str(exc).startswith("refused"):
+                return self._invalid(step, path, tracked, str(exc), final=True)
+            tracked.since, tracked.waiting = now, True  # changed under us: settle again
+            log.info("step %d: %s; will look again", step, exc)
+            return False
+        self._tracked.pop(step, None)
+        self.ledger.set_checkpoint(self.run, step, CkptState.READY, path=str(path), snapshot=str(snap),
+                                   is_final=check.is_final)
+        queued = self.scheduler.plan(step, check.is_final)
+        log.info("checkpoint step %d complete%s; %d suite(s) due", step, " (final)" if check.is_final else "",
+                 queued)
+        return True
+
+    def _invalid(self, step: int, path: Path, tracked: _Tracked, reason: str, final: bool = False) -> bool:
+        row = self.ledger.checkpoint(self.run, step)
+        attempts = (row.attempts if row else 0) + 1
+        tracked.since, tracked.waiting, tracked.last_reason = time.monotonic(), False, reason
+        if final or attempts >= self.config.max_attempts:
+            self._tracked.pop(step, None)
+            self.ledger.set_checkpoint(self.run, step, CkptState.FAILED, path=str(path), attempts=attempts,
+                                       error=reason)
+            log.error("step %d: checkpoint failed after %d attempt(s): %s", step, attempts, reason)
+        else:
+            self.ledger.set_checkpoint(self.run, step, CkptState.SEEN, path=str(path), attempts=attempts,
+                                       error=reason)
+            log.warning("step %d: not usable yet (attempt %d/%d): %s", step, attempts, self.config.max_attempts,
+                        reason)
+        return False
+
+    def _vanished(self, step: int, path: Path) -> None:
+        row = self.ledger.checkpoint(self.run, step)
+        if row is None or row.state is CkptState.SEEN:
+            self.ledger.set_checkpoint(self.run, step, CkptState.VANISHED, path=str(path),
+                                       error="folder removed before it was complete and snapshotted")
+            log.warning("step %d: %s vanished before it was complete", step, path)
