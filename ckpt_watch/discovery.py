@@ -111,7 +111,10 @@ class Discovery:
             if row is not None and row.state is CkptState.FAILED and tracked is None and not forced:
                 return False  # failed before; only an event (the folder changed) re-opens it
             tracked = self._tracked[step] = _Tracked(path, fp, now)
-        settled = now - tracked.since >= self.config.settle_seconds or time.time() - newest >= self.config.settle_seconds
+        settle = self.config.settle_seconds
+        # old files count as settled at first sight (start-up rescan); after a failed look,
+        # the next look waits a full settle period
+        settled = now - tracked.since >= settle or (tracked.waiting and time.time() - newest >= settle)
         if not settled:
             tracked.waiting = True
             return False

@@ -63,12 +63,19 @@ def use_polling(watch: WatchConfig, path: Path, mounts_file: str = "/proc/mounts
     return False, f"local {fstype or 'unknown'} filesystem"
 
 
+_READ_ONLY_EVENTS = frozenset({"opened", "closed_no_write"})
+
+
 class _Handler(FileSystemEventHandler):
     def __init__(self, root: Path, notify: Callable[[str | None], None]):
         self.root = str(root)
         self.notify = notify
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        # our own reads of trainer_state.json raise open/close events: reacting to them
+        # would make every check trigger the next one
+        if event.event_type in _READ_ONLY_EVENTS:
+            return
         for p in (event.src_path, getattr(event, "dest_path", "") or ""):
             if p:
                 self.notify(child_of(Path(self.root), os.fsdecode(p)))

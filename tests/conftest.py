@@ -26,13 +26,16 @@ def smollm2_path() -> Path:
 
 def run_trainer(out: Path, *, model: str = "tiny", max_steps: int = 6, save_steps: int = 2,
                 save_total_limit: int | None = None, step_sleep: float = 0.0, lr: float = 2e-3,
-                background: bool = False, threads: int = 1) -> subprocess.Popen | subprocess.CompletedProcess:
+                background: bool = False, threads: int = 1,
+                save_base: Path | None = None) -> subprocess.Popen | subprocess.CompletedProcess:
     """Run the real HF Trainer script (ckpt_watch.demo.train) in a subprocess."""
     cmd = [sys.executable, "-m", "ckpt_watch.demo.train", "--out", str(out), "--model", model,
            "--max-steps", str(max_steps), "--save-steps", str(save_steps), "--lr", str(lr),
            "--step-sleep", str(step_sleep), "--threads", str(threads)]
     if save_total_limit is not None:
         cmd += ["--save-total-limit", str(save_total_limit)]
+    if save_base is not None:
+        cmd += ["--save-base", str(save_base)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if background:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -43,8 +46,14 @@ def run_trainer(out: Path, *, model: str = "tiny", max_steps: int = 6, save_step
 def tiny_run(tmp_path_factory) -> Path:
     """A finished tiny-Llama LoRA run: checkpoint-2, -4, -6 (no rotation)."""
     out = tmp_path_factory.mktemp("tiny_run")
-    run_trainer(out, model="tiny", max_steps=6, save_steps=2)
+    run_trainer(out, model="tiny", max_steps=6, save_steps=2, save_base=out.parent / (out.name + "-base"))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_run) -> Path:
+    """The tiny Llama base model the tiny_run adapters were trained on (deterministic init)."""
+    return tiny_run.parent / (tiny_run.name + "-base")
 
 
 def make_adapter(base_path: Path, out: Path, *, r: int = 8, seed: int = 0, scale: float = 0.0,
@@ -70,3 +79,92 @@ def make_adapter(base_path: Path, out: Path, *, r: int = 8, seed: int = 0, scale
     data["base_model_name_or_path"] = str(base_path)
     cfg_path.write_text(json.dumps(data))
     return out
+
+
+# ==== BEGIN vLLM server fixtures (issue 3, vLLM engine) — edit only inside this block ====
+
+VLLM_PYTHON = Path(os.environ.get("CKPT_WATCH_VLLM_PYTHON") or REPO / ".venv-vllm" / "bin" / "python")
+
+
+def vllm_test_config(base_model: Path | str, results_dir: Path, **engine: object):
+    """A Config for a managed vLLM CPU server on SmolLM2 (float32, so it matches the HF engine)."""
+    from ckpt_watch.config import Config
+
+    launch = {
+        "command": [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server"],
+        "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
+        "max_lora_rank": 8,
+        "max_loras": 2,
+        "startup_timeout": 600,
+        "max_restarts": 2,
+    }
+    block = {"kind": "vllm", "dtype": "float32", "max_concurrency": 32, "request_timeout": 300, "launch": launch}
+    block.update(engine)
+    return Config.model_validate({"base_model": str(base_model), "results_dir": str(results_dir),
+                                  "suites": {"arc_challenge": {}}, "engine": block})
+
+
+class VLLMServerHandle:
+    """The shared real vLLM server. Attributes read the live server, so they survive a restart
+    (same port and API key); `model` is the served base model's name (for an LLM judge too)."""
+
+    def __init__(self, server, config):
+        self.server = server  # ckpt_watch.engines.vllm_server.ManagedServer
+        self.config = config
+
+    @property
+    def base_url(self) -> str:
+        return self.server.base_url
+
+    @property
+    def api_key(self) -> str:
+        return self.server.api_key
+
+    @property
+    def model(self) -> str:
+        return self.server.model
+
+    @property
+    def engine_config(self):
+        return self.config.engine
+
+
+@pytest.fixture(scope="session")
+def vllm_server(smollm2_path, tmp_path_factory):
+    """One real vLLM CPU server for the whole session, started by ckpt-watch's ManagedServer."""
+    if not VLLM_PYTHON.exists():
+        pytest.skip(f"no vLLM virtualenv at {VLLM_PYTHON}: run scripts/setup.sh --with-vllm "
+                    "or set CKPT_WATCH_VLLM_PYTHON")
+    from ckpt_watch.engines.vllm_server import ManagedServer
+
+    results = tmp_path_factory.mktemp("vllm-server")
+    config = vllm_test_config(smollm2_path, results)
+    server = ManagedServer.from_config(config, str(smollm2_path), results / "vllm-server.log")
+    try:
+        server.start()
+        yield VLLMServerHandle(server, config)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_loop():
+    """One event loop for the session: the engine's HTTP connections belong to the loop that made them."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(vllm_server, vllm_loop):
+    """A started VLLMEngine on the shared server; run its coroutines with vllm_loop.run_until_complete."""
+    from ckpt_watch.engines.vllm import VLLMEngine
+
+    engine = VLLMEngine(vllm_server.config, server=vllm_server.server)
+    vllm_loop.run_until_complete(engine.start())
+    yield engine
+    vllm_loop.run_until_complete(engine.close())
+
+# ==== END vLLM server fixtures (issue 3) ====
