@@ -59,7 +59,9 @@ def _load(path: Path, overrides: dict[str, Any] | None = None) -> Config:
 @app.command()
 def run(
     config: ConfigOpt,
-    watch: Annotated[Path | None, typer.Option("--watch", "-w", help="Trainer output dir (overrides watch.dir).")] = None,
+    watch: Annotated[
+        Path | None, typer.Option("--watch", "-w", help="Trainer output dir (overrides watch.dir).")
+    ] = None,
     once: Annotated[bool, typer.Option("--once", help="Evaluate what is due now, then exit.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Redo evaluations already done.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -177,6 +179,14 @@ def demo(
     from ckpt_watch.demo.run import run_demo
 
     raise typer.Exit(run_demo(out_dir, steps=steps, save_steps=save_steps, engine=engine))
+
+
+@app.command("config-reference")
+def config_reference() -> None:
+    """Print the configuration reference (Markdown) generated from the config models."""
+    from ckpt_watch.reference import render
+
+    typer.echo(render())
 
 
 def main() -> None:

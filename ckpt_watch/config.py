@@ -147,7 +147,7 @@ SuiteConfig = _suite_config_type()
 class Config(_Model):
     base_model: str = Field(description="Base model: a local HF folder, a hub id, or 'smollm2' (bundled).")
     run_name: str | None = Field(default=None, description="Default: the watch folder's name.")
-    results_dir: Path = Path("results")
+    results_dir: Path = Field(default=Path("results"), description="Ledger, results, MLflow db, snapshots.")
     watch: WatchConfig = Field(default_factory=WatchConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
@@ -180,9 +180,9 @@ class Config(_Model):
             env = self.judge.api_key_env
             if env and not os.environ.get(env):
                 raise ValueError(f"judge.api_key_env: environment variable {env} is not set")
-        if self.engine.kind == "vllm" and self.engine.url and self.engine.api_key_env:
-            if not os.environ.get(self.engine.api_key_env):
-                raise ValueError(f"engine.api_key_env: environment variable {self.engine.api_key_env} is not set")
+        key_env = self.engine.api_key_env
+        if self.engine.kind == "vllm" and self.engine.url and key_env and not os.environ.get(key_env):
+            raise ValueError(f"engine.api_key_env: environment variable {key_env} is not set")
         return self
 
     def suite_configs(self) -> dict[str, SuiteConfigBase]:

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,13 +127,9 @@ class Daemon:
             sink.start(self.run_name, run_params(self.config))
         evaluator: Evaluator | None = None
         notify.ready(f"watching {self.watch_dir}")
-        watchdog_every = notify.watchdog_interval()
-        last_ping = 0.0
+        pinger = asyncio.create_task(self._watchdog_pings(notify.watchdog_interval()))
         try:
             while not self._stop:
-                if watchdog_every and time.monotonic() - last_ping >= watchdog_every:
-                    notify.watchdog()
-                    last_ping = time.monotonic()
                 discovery.poll()
                 step = scheduler.next_step(self._available(ledger))
                 if step is not None:
@@ -147,11 +142,10 @@ class Daemon:
                     break
                 self._wake.clear()
                 timeout = discovery.seconds_until_due()
-                if watchdog_every:
-                    timeout = min(timeout, watchdog_every)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=timeout)
         finally:
+            pinger.cancel()
             notify.stopping("shutting down")
             if watcher is not None:
                 watcher.stop()
@@ -161,6 +155,13 @@ class Daemon:
                 sink.close()
             ledger.close()
         return 0
+
+    async def _watchdog_pings(self, every: float | None) -> None:
+        """systemd's WATCHDOG=1, from its own task: suites run off the event loop, so a
+        long evaluation keeps the pings going while a hung loop stops them."""
+        while every:
+            notify.watchdog()
+            await asyncio.sleep(every)
 
     def _available(self, ledger: Ledger) -> set[int]:
         ready = {r.step for r in ledger.checkpoints(self.run_name) if r.state is CkptState.READY}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,9 @@ def read_result(results_dir: Path, run: str, step: int, suite: str) -> SuiteResu
     if data.get("status") != ResultStatus.OK:
         return None
     return SuiteResult(
-        suite=suite, step=step, status=ResultStatus.OK, metrics=data.get("metrics", {}),
+        suite=suite, step=step, status=ResultStatus.OK,
+        # non-finite values are stored as null (strict JSON)
+        metrics={k: float(v) for k, v in (data.get("metrics") or {}).items() if v is not None},
         samples=data.get("samples", []), n_scored=data.get("n_scored", 0), n_unscored=data.get("n_unscored", 0),
         started_at=data.get("started_at", ""), finished_at=data.get("finished_at"), info=data.get("info", {}),
     )
@@ -129,7 +132,7 @@ class Evaluator:
             result.finished_at = utcnow()
         try:
             self._write(ckpt, result)
-        except OSError as exc:
+        except (OSError, sqlite3.Error) as exc:
             # e.g. disk full: the result is not on disk, so the row must stay due
             row = self.ledger.eval_row(*row_key)
             give_up = row is not None and row.attempts >= self.max_attempts

@@ -76,3 +76,10 @@ def test_validate_command_exit_codes(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ckpt_watch", "validate", str(tmp_path / "none.yaml")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_config_reference_matches_the_models():
+    from ckpt_watch.reference import render
+
+    committed = (REPO / "docs" / "config.md").read_text()
+    assert committed.strip() == render().strip(), "regenerate: ckpt-watch config-reference > docs/config.md"

@@ -77,7 +77,9 @@ class HeldoutSuite:
         scores = await ctx.engine.score(ctx.handle, reqs)
         ctx.progress(len(texts), len(texts))
         rows = [s.token_logprobs for s in scores]
-        samples = [{"text": t[:80], "nll": -sum(r) / len(r), "tokens": len(r)} for t, r in zip(texts, rows, strict=True)]
+        samples = [
+            {"text": t[:80], "nll": -sum(r) / len(r), "tokens": len(r)} for t, r in zip(texts, rows, strict=True)
+        ]
         return SuiteResult(suite=self.name, step=ctx.checkpoint.step, status=ResultStatus.OK,
                            metrics=nll_metrics(rows), samples=samples, n_scored=len(texts),
                            started_at=started, finished_at=utcnow())
