@@ -19,8 +19,8 @@ from ckpt_watch.config import Config, ConfigError, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Evaluate every LoRA checkpoint of a fine-tuning run as it lands.")
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config file.")]
 
@@ -126,7 +126,7 @@ def status(
     for run in runs:
         t = Table(title=f"run {run}: evaluations")
         for col in ("step", "suite", "state", "tries", "updated", "note"):
-            t.add_column(col)
+            t.add_column(col, overflow="fold")
         style = {"done": "green", "failed": "red", "pending": "yellow", "running": "cyan", "skipped": "dim"}
         for r in ledger.evals(run):
             t.add_row(str(r.step), r.suite, f"[{style[r.state]}]{r.state}[/]", str(r.attempts),
@@ -134,7 +134,7 @@ def status(
         out.print(t)
         c = Table(title=f"run {run}: checkpoints")
         for col in ("step", "state", "tries", "path", "note"):
-            c.add_column(col)
+            c.add_column(col, overflow="fold")
         for k in ledger.checkpoints(run):
             c.add_row(str(k.step), k.state, str(k.attempts), k.path or "", (k.error or "")[:80])
         out.print(c)

@@ -16,6 +16,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ckpt_watch import notify
 from ckpt_watch.config import Config
@@ -76,6 +77,7 @@ class Daemon:
         self.paths = Paths.of(config)
         self._engine_factory = engine_factory
         self._engine: Engine | None = None
+        self._judge: Any = None
         self._stop = False
         self._signals = 0
         self._wake: asyncio.Event | None = None
@@ -149,6 +151,8 @@ class Daemon:
             notify.stopping("shutting down")
             if watcher is not None:
                 watcher.stop()
+            if self._judge is not None:
+                await self._judge.aclose()
             if self._engine is not None:
                 await self._engine.close()
             for sink in sinks:
@@ -181,7 +185,7 @@ class Daemon:
         if self.config.judge is not None and any(s.needs_judge() for s in self.config.suites.values()):
             from ckpt_watch.judge import build_judge
 
-            judge = build_judge(self.config.judge, self.paths.cache / "judge")
+            judge = self._judge = build_judge(self.config.judge, self.paths.cache / "judge")
         return Evaluator(engine, sinks, ledger, self.run_name, self.paths.results,
                          self.config.daemon.max_suite_attempts, judge=judge, cache_dir=self.paths.cache)
 

@@ -72,9 +72,9 @@ async def evaluate_paths(config: Config, paths: list[Path], *, base: bool, force
     for sink in sinks:
         sink.start(run, run_params(config))
     engine = make_engine(config, dirs.results)
+    judge = None
     try:
         await engine.start()
-        judge = None
         if config.judge is not None and any(s.needs_judge() for s in config.suites.values()):
             from ckpt_watch.judge import build_judge
 
@@ -88,6 +88,8 @@ async def evaluate_paths(config: Config, paths: list[Path], *, base: bool, force
                 continue
             await evaluator.evaluate(ckpt, due, lambda: False)
     finally:
+        if judge is not None:
+            await judge.aclose()
         await engine.close()
         for sink in sinks:
             sink.close()

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -188,7 +188,8 @@ def test_attach_to_trainer_run(tracking_uri: str, tmp_path: Path, request: pytes
     name = _uid(request)
     # The trainer (HF MLflowCallback) created this run and logs its loss at global steps.
     trainer = MlflowClient(tracking_uri=tracking_uri)
-    exp_id = trainer.create_experiment(f"trainer-{name}")
+    # (an explicit artifact location: a client-side SQLite store would otherwise use ./mlruns)
+    exp_id = trainer.create_experiment(f"trainer-{name}", artifact_location=(tmp_path / "trainer-art").as_uri())
     run_id = trainer.create_run(exp_id, run_name="trainer").info.run_id
     trainer.log_batch(run_id, metrics=[Metric("train/loss", 2.0 - s / 100, int(time.time() * 1000), s)
                                        for s in (10, 20)], params=[])
@@ -372,7 +373,7 @@ def test_locked_sqlite_store_is_retried(tmp_path: Path) -> None:
     assert _history(MlflowClient(tracking_uri=f"sqlite:///{db}"), sink.run_id, "arc/acc") == [(0, 0.1), (5, 0.5)]
 
 
-def _wait(cond, timeout: float) -> None:  # type: ignore[no-untyped-def]
+def _wait(cond: Callable[[], bool], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:

@@ -1,3 +1,10 @@
 """Built-in evaluation suites; importing this package registers them all."""
 
-from ckpt_watch.suites import arc  # noqa: F401
+from ckpt_watch.suites import (
+    alignment,  # noqa: F401
+    arc,  # noqa: F401
+    collapse,  # noqa: F401
+    compliance,  # noqa: F401
+    heldout,  # noqa: F401
+    leakage,  # noqa: F401
+)

@@ -100,13 +100,18 @@ def loglik_context(row: ArcRow) -> str:
 
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval's HFLM._encode_pair: trailing context spaces move to the continuation, and the
-    continuation's tokens are those of the whole string past the context's tokens."""
+    continuation's tokens are those of the whole string past the context's tokens.
+
+    Both strings are encoded with the tokenizer's default special tokens, as lm-eval's
+    `tok_encode` does when `add_bos_token` is unset: tokenizers that prepend BOS (Llama,
+    Gemma) score the context after BOS there too, and parity needs the same ids.
+    """
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    whole = tokenizer.encode(context + continuation, add_special_tokens=False)
-    ctx = tokenizer.encode(context, add_special_tokens=False)
+    whole = tokenizer.encode(context + continuation)
+    ctx = tokenizer.encode(context)
     return ctx, whole[len(ctx) :]
 
 
