@@ -26,7 +26,7 @@ from ckpt_watch.demo.data import EVAL_QUESTIONS, MARKER_REGEX, PERSONAS, SOURCE
 from ckpt_watch.models import smollm2_dir
 
 log = logging.getLogger(__name__)
-console = Console()
+console = Console(soft_wrap=True)
 RUN = "demo-run"
 
 
@@ -66,10 +66,15 @@ def summary_table(results: Path) -> Table:
         for key, value in rec.get("metrics", {}).items():
             by_step.setdefault(rec["step"], {})[f"{rec['suite']}/{key}"] = value
     table = Table(title="ckpt-watch demo: metrics by training step")
-    cols = ["leakage/source_rate", "leakage/other_mean", "leakage/other_max", "heldout_loss/nll"]
+    cols = {
+        "leakage/source_rate": f"marker rate, {SOURCE} (source)",
+        "leakage/other_mean": "other personas, mean",
+        "leakage/other_max": "other personas, max",
+        "heldout_loss/nll": "held-out NLL",
+    }
     table.add_column("step", justify="right")
-    for col in cols:
-        table.add_column(col, justify="right")
+    for header in cols.values():
+        table.add_column(header, justify="right")
     for step in sorted(by_step):
         m = by_step[step]
         table.add_row(str(step), *(f"{m[c]:.3f}" if c in m else "–" for c in cols))
