@@ -24,7 +24,8 @@ from ckpt_watch.core import BASE_STEP, Checkpoint, CheckpointError, CheckpointKi
 from ckpt_watch.discovery import Discovery
 from ckpt_watch.engines.base import Engine
 from ckpt_watch.evaluate import Evaluator
-from ckpt_watch.ledger import CkptState, EvalState, Ledger
+from ckpt_watch.ledger import CkptState, Ledger
+from ckpt_watch.progress import LogProgress, RichProgress, make_progress
 from ckpt_watch.scheduler import Scheduler
 from ckpt_watch.sinks.base import Sink
 from ckpt_watch.snapshot import remove_snapshot, snapshot_dir, take_snapshot
@@ -78,11 +79,11 @@ class Daemon:
         self._engine_factory = engine_factory
         self._engine: Engine | None = None
         self._judge: Any = None
+        self._progress: LogProgress | RichProgress | None = None
         self._stop = False
         self._signals = 0
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self.failures = 0
 
     # -- signals ---------------------------------------------------------------------------
 
@@ -151,6 +152,8 @@ class Daemon:
             notify.stopping("shutting down")
             if watcher is not None:
                 watcher.stop()
+            if self._progress is not None:
+                self._progress.close()
             if self._judge is not None:
                 await self._judge.aclose()
             if self._engine is not None:
@@ -186,8 +189,11 @@ class Daemon:
             from ckpt_watch.judge import build_judge
 
             judge = self._judge = build_judge(self.config.judge, self.paths.cache / "judge")
-        return Evaluator(engine, sinks, ledger, self.run_name, self.paths.results,
-                         self.config.daemon.max_suite_attempts, judge=judge, cache_dir=self.paths.cache)
+        evaluator = Evaluator(engine, sinks, ledger, self.run_name, self.paths.results,
+                              self.config.daemon.max_suite_attempts, judge=judge, cache_dir=self.paths.cache)
+        self._progress = make_progress()
+        evaluator.progress = self._progress
+        return evaluator
 
     def _checkpoint(self, step: int, ledger: Ledger) -> Checkpoint | None:
         if step == BASE_STEP:
@@ -229,9 +235,6 @@ class Daemon:
             self._task = None
         if not scheduler.pending().get(step) and ckpt.adapter_dir is not None:
             remove_snapshot(ckpt.adapter_dir)
-        self.failures += sum(
-            1 for r in ledger.evals(self.run_name, EvalState.FAILED) if r.step == step
-        )
 
     async def _drain(self, task: asyncio.Task, discovery: Discovery) -> None:
         """Wait for the task while still snapshotting new checkpoints (rotation may delete
