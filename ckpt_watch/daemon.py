@@ -79,6 +79,7 @@ class Daemon:
         self._engine_factory = engine_factory
         self._engine: Engine | None = None
         self._judge: Any = None
+        self._last_status = ""
         self._progress: LogProgress | RichProgress | None = None
         self._stop = False
         self._signals = 0
@@ -140,7 +141,7 @@ class Daemon:
                     await self._evaluate_step(step, ledger, scheduler, evaluator, discovery)
                     continue
                 backlog = sum(len(v) for v in scheduler.pending().values())
-                notify.status(f"idle; {backlog} evaluation(s) waiting for checkpoints")
+                self._status(f"idle; {backlog} evaluation(s) waiting for checkpoints")
                 if self.once and not discovery.settling():
                     break
                 self._wake.clear()
@@ -161,7 +162,13 @@ class Daemon:
             for sink in sinks:
                 sink.close()
             ledger.close()
+            log.info("stopped")
         return 0
+
+    def _status(self, text: str) -> None:
+        if text != self._last_status:  # the loop wakes often; systemd needs only changes
+            self._last_status = text
+            notify.status(text)
 
     async def _watchdog_pings(self, every: float | None) -> None:
         """systemd's WATCHDOG=1, from its own task: suites run off the event loop, so a
@@ -220,7 +227,7 @@ class Daemon:
             scheduler.skip(step, "checkpoint unknown to the ledger")
             return
         backlog = sum(len(v) for v in scheduler.pending().values())
-        notify.status(f"evaluating {ckpt.label} ({len(suites)} suite(s)); backlog {backlog}")
+        self._status(f"evaluating {ckpt.label} ({len(suites)} suite(s)); backlog {backlog}")
         self._task = asyncio.create_task(evaluator.evaluate(ckpt, suites, lambda: self._stop))
         try:
             await self._drain(self._task, discovery)

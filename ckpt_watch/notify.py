@@ -35,7 +35,8 @@ def notify(message: str) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.connect(_address(raw))
-            sock.sendall(message.encode())
+            # never block the daemon: a reader that stopped draining must not stall shutdown
+            sock.send(message.encode(), socket.MSG_DONTWAIT)
     except OSError as exc:
         log.warning("sd_notify %r to %s failed: %s", message.split("\n", 1)[0], raw, exc)
         return False

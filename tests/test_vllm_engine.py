@@ -128,6 +128,54 @@ def test_attach_unreachable_is_bounded(smollm2_path: Path, tmp_path: Path) -> No
     asyncio.run(body())
 
 
+# A stand-in for `vllm serve`: answers /health on --port, ignores SIGTERM, and has a child
+# process, so the lifecycle (ready, fail fast, restart, SIGKILL escalation) is tested in seconds.
+FAKE_SERVER = """
+import http.server, signal, subprocess, sys
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+port = int(sys.argv[sys.argv.index("--port") + 1])
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+print("fake server up", flush=True)
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+
+def test_managed_server_lifecycle_without_vllm(tmp_path: Path) -> None:
+    import sys
+
+    crash = LaunchConfig(command=[sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"])
+    bad = ManagedServer("m", crash, log_path=tmp_path / "crash.log", max_lora_rank=8, max_logprobs=20)
+    t0 = time.monotonic()
+    with pytest.raises(EngineError, match=r"(?s)exited with code 3.*boom"):
+        bad.start()
+    assert time.monotonic() - t0 < 30
+
+    launch = LaunchConfig(command=[sys.executable, "-c", FAKE_SERVER], max_restarts=1)
+    server = ManagedServer("m", launch, log_path=tmp_path / "fake.log", max_lora_rank=8, max_logprobs=20)
+    try:
+        server.start()
+        first, port = server.pid, server.port
+        assert first is not None and server.health()
+        server.kill()
+        assert not server.alive() and not group_alive(first)
+        asyncio.run(server.restart())  # backoff, then the same port and key again
+        assert server.alive() and server.health() and server.port == port and server.restarts == 1
+        second = server.pid
+        assert second is not None
+        t0 = time.monotonic()
+        server.stop(grace=1.0)  # SIGTERM is ignored: SIGKILL after the grace, child included
+        assert not group_alive(second) and time.monotonic() - t0 < 15
+        server.kill()
+        with pytest.raises(EngineError, match="max_restarts=1"):
+            asyncio.run(server.restart())
+    finally:
+        server.stop(grace=1.0)
+
+
 # -- real server --------------------------------------------------------------------------
 
 

@@ -191,6 +191,10 @@ class VLLMEngine:
             await self._request("health check", lambda: self._http().get(f"{root}/health", cast_to=str))
             self.status = f"ready: {self.base_url} serving {self._model}"
 
+    async def restart(self) -> None:
+        """The daemon's recovery hook after `EngineUnavailable`."""
+        await self.ensure_healthy()
+
     # -- transport ----------------------------------------------------------------------
 
     def _http(self) -> openai.AsyncOpenAI:

