@@ -41,7 +41,7 @@ from ckpt_watch.engines.vllm_protocol import (
     top_k_by_id,
     vllm_extra,
 )
-from ckpt_watch.engines.vllm_server import ManagedServer
+from ckpt_watch.engines.vllm_server import ManagedServer, adapter_rank, round_lora_rank
 from ckpt_watch.models import resolve_base_model
 
 log = logging.getLogger(__name__)
@@ -247,6 +247,10 @@ class VLLMEngine:
         if self._adapters.get(name) == path:
             return AdapterHandle(checkpoint, name)  # already registered (e.g. re-registered after a restart)
         server = self._server
+        if server is not None and self.econf.launch is not None and self.econf.launch.max_lora_rank is None:
+            needed = round_lora_rank(adapter_rank(path))
+            if needed > server.max_lora_rank:
+                await self._grow_lora_rank(needed)
         check_adapter(
             name,
             path,
@@ -259,6 +263,24 @@ class VLLMEngine:
         await self._load_route(name, path)
         self._adapters[name] = path
         return AdapterHandle(checkpoint, name)
+
+    async def _grow_lora_rank(self, rank: int) -> None:
+        """The server was started before any adapter existed, so its rank was a guess; an
+        adapter with a larger r restarts it once with room for it instead of failing every
+        checkpoint of the run. An explicit launch.max_lora_rank is never overridden."""
+        server = self._server
+        assert server is not None
+        async with self._heal_lock:
+            log.warning("adapter rank needs --max-lora-rank %d (server has %d): restarting the vLLM server",
+                        rank, server.max_lora_rank)
+            server.max_lora_rank = rank
+            await asyncio.to_thread(server.stop)
+            if self._client is not None:
+                await self._client.close()
+                self._client = None
+            await self.start()
+            for name, p in list(self._adapters.items()):
+                await self._load_route(name, p)
 
     async def _lora_post(self, route: str, name: str, body: dict[str, str]) -> None:
         # no client retries: a failed add_lora (HTTP 500) is deterministic, retrying only repeats it
