@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,20 +134,33 @@ class Daemon:
         evaluator: Evaluator | None = None
         notify.ready(f"watching {self.watch_dir}")
         pinger = asyncio.create_task(self._watchdog_pings(notify.watchdog_interval()))
+        full_wait = 0.0  # > 0 while the disk under results_dir is full: seconds until the next try
         try:
             while not self._stop:
-                discovery.poll()
-                step = scheduler.next_step(self._available(ledger))
-                if step is not None:
-                    evaluator = evaluator or await self._evaluator(ledger, sinks)
-                    await self._evaluate_step(step, ledger, scheduler, evaluator, discovery)
-                    continue
-                backlog = sum(len(v) for v in scheduler.pending().values())
-                self._status(f"idle; {backlog} evaluation(s) waiting for checkpoints")
-                if self.once and not discovery.settling():
-                    break
+                try:
+                    if full_wait:
+                        self._resume(ledger, scheduler)  # raises again while the disk is still full
+                        full_wait = 0.0
+                    discovery.poll()
+                    step = scheduler.next_step(self._available(ledger))
+                    if step is not None:
+                        evaluator = evaluator or await self._evaluator(ledger, sinks)
+                        await self._evaluate_step(step, ledger, scheduler, evaluator, discovery)
+                        continue
+                    backlog = sum(len(v) for v in scheduler.pending().values())
+                    self._status(f"idle; {backlog} evaluation(s) waiting for checkpoints")
+                    if self.once and not discovery.settling():
+                        break
+                    timeout = discovery.seconds_until_due()
+                except (sqlite3.OperationalError, OSError) as exc:
+                    if not _disk_full(exc):
+                        raise
+                    full_wait = min(max(2 * full_wait, 2.0), 60.0)
+                    log.error("disk full under %s (%s): waiting for space, next try in %.0f s",
+                              self.paths.results, exc, full_wait)
+                    self._status(f"disk full under {self.paths.results}; waiting for space")
+                    timeout = full_wait
                 self._wake.clear()
-                timeout = discovery.seconds_until_due()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=timeout)
         finally:
@@ -164,6 +179,16 @@ class Daemon:
             ledger.close()
             log.info("stopped")
         return 0
+
+    def _resume(self, ledger: Ledger, scheduler: Scheduler) -> None:
+        """After the ledger could not be written (disk full): what was left running is due again and
+        checkpoints recorded meanwhile get their evaluations planned, as at start-up."""
+        recovered = ledger.recover()
+        scheduler.plan_base()
+        for row in ledger.checkpoints(self.run_name):
+            if row.state is CkptState.READY:
+                scheduler.plan(row.step, row.is_final)
+        log.info("disk space is back; %d interrupted evaluation(s) pending again", recovered)
 
     def _status(self, text: str) -> None:
         if text != self._last_status:  # the loop wakes often; systemd needs only changes
@@ -289,3 +314,11 @@ class Daemon:
                 log.error("engine still unavailable (%s); retrying in %.0f s", again, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 120.0)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC / EDQUOT from a file write, or SQLite's "database or disk is full" (the ledger and
+    the MLflow outbox live under results_dir too)."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)

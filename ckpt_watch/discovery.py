@@ -139,6 +139,11 @@ class Discovery:
             tracked.since, tracked.waiting = now, True  # changed under us: settle again
             log.info("step %d: %s; will look again", step, exc)
             return False
+        except OSError as exc:
+            # our side failed (e.g. disk full under results_dir), not the checkpoint: try again later
+            tracked.since, tracked.waiting = now, True
+            log.error("step %d: cannot snapshot %s: %s; will try again", step, path, exc)
+            return False
         self._tracked.pop(step, None)
         self.ledger.set_checkpoint(self.run, step, CkptState.READY, path=str(path), snapshot=str(snap),
                                    is_final=check.is_final)

@@ -34,17 +34,18 @@ from ckpt_watch.suites.base import Suite, SuiteContext, build_suite
 log = logging.getLogger(__name__)
 
 
-def read_result(results_dir: Path, run: str, step: int, suite: str) -> SuiteResult | None:
-    """A result written earlier by the JSON sink (used as the step-0 baseline)."""
+def read_result(results_dir: Path, run: str, step: int, suite: str, *, ok_only: bool = True) -> SuiteResult | None:
+    """A result written earlier by the JSON sink (the step-0 baseline; or, with ok_only=False,
+    a result an interrupted session already handed to the sinks)."""
     path = results_dir / run / f"step-{step}" / f"{suite}.json"
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if data.get("status") != ResultStatus.OK:
+    if data.get("status") != ResultStatus.OK and ok_only:
         return None
     return SuiteResult(
-        suite=suite, step=step, status=ResultStatus.OK,
+        suite=suite, step=step, status=ResultStatus(data.get("status", ResultStatus.ERROR)), error=data.get("error"),
         # non-finite values are stored as null (strict JSON)
         metrics={k: float(v) for k, v in (data.get("metrics") or {}).items() if v is not None},
         samples=data.get("samples", []), n_scored=data.get("n_scored", 0), n_unscored=data.get("n_unscored", 0),
@@ -98,6 +99,8 @@ class Evaluator:
 
     async def _run_suite(self, ckpt: Checkpoint, handle: Any, planned: PlannedSuite) -> None:
         row_key = (self.run, ckpt.step, planned.name, planned.hash)
+        if self._redeliver(ckpt, planned):
+            return
         self.ledger.set_eval(*row_key, EvalState.RUNNING)
         self.current = f"{ckpt.label}/{planned.name}"
         log.info("%s: running %s", ckpt.label, planned.name)
@@ -126,8 +129,28 @@ class Evaluator:
             result = SuiteResult.failure(planned.name, ckpt.step, f"{type(exc).__name__}: {exc}", started)
         self._record(ckpt, planned, result)
 
+    def _redeliver(self, ckpt: Checkpoint, planned: PlannedSuite) -> bool:
+        """A session killed after the sinks got a result but before the ledger recorded it left
+        the row `running` (now pending). Recomputing would hand MLflow a second point at that
+        step (new timestamp, maybe a new value); instead the result already written (same suite
+        hash, begun during the interrupted attempt) is delivered again as it was: the JSON upsert
+        and the outbox's (key, step, timestamp) uniqueness make that a no-op where it landed."""
+        row = self.ledger.eval_row(self.run, ckpt.step, planned.name, planned.hash)
+        if row is None or row.attempts == 0 or row.started_at is None:
+            return False
+        earlier = read_result(self.results_dir, self.run, ckpt.step, planned.name, ok_only=False)
+        if earlier is None or earlier.info.get("suite_hash") != planned.hash or earlier.started_at < row.started_at:
+            return False
+        log.info("%s/%s: result already written by an interrupted session; delivering it again",
+                 ckpt.label, planned.name)
+        # counted as an attempt (and newer than `earlier`): a redelivery that fails is not retried forever
+        self.ledger.set_eval(self.run, ckpt.step, planned.name, planned.hash, EvalState.RUNNING)
+        self._record(ckpt, planned, earlier)
+        return True
+
     def _record(self, ckpt: Checkpoint, planned: PlannedSuite, result: SuiteResult) -> None:
         row_key = (self.run, ckpt.step, planned.name, planned.hash)
+        result.info.setdefault("suite_hash", planned.hash)  # lets _redeliver recognise it after a crash
         if result.finished_at is None:
             result.finished_at = utcnow()
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +61,7 @@ class EvalRow:
     error: str | None
     updated_at: str
     finished_at: str | None
+    started_at: str | None = None  # when the latest attempt began (set by eval_row)
 
 
 @dataclass(frozen=True)
@@ -196,14 +197,36 @@ class Ledger:
             rows = self._db.execute(q + " ORDER BY step, suite", args).fetchall()
         return [EvalRow(r[0], r[1], r[2], r[3], EvalState(r[4]), r[5], r[6], r[7], r[8]) for r in rows]
 
+    def pending_keys(self, run: str) -> list[tuple[int, str, str]]:
+        """(step, suite, suite_hash) of every pending evaluation, by step then suite: what the
+        scheduler needs, without building a full row for each (the daemon asks every loop)."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT step, suite, suite_hash FROM evals WHERE run=? AND state=? ORDER BY step, suite",
+                (run, EvalState.PENDING),
+            ).fetchall()
+
+    def pending_steps(self, run: str, suites: Iterable[tuple[str, str]]) -> list[int]:
+        """Distinct steps with a pending evaluation of one of these (suite, suite_hash) pairs."""
+        pairs = list(suites)
+        if not pairs:
+            return []
+        values = ",".join(["(?,?)"] * len(pairs))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT DISTINCT step FROM evals WHERE run=? AND state=? AND (suite, suite_hash) IN (VALUES {values})",
+                (run, EvalState.PENDING, *(x for pair in pairs for x in pair)),
+            ).fetchall()
+        return [r[0] for r in rows]
+
     def eval_row(self, run: str, step: int, suite: str, suite_hash: str) -> EvalRow | None:
         with self._lock:
             r = self._db.execute(
-                "SELECT run, step, suite, suite_hash, state, attempts, error, updated_at, finished_at FROM evals "
-                "WHERE run=? AND step=? AND suite=? AND suite_hash=?",
+                "SELECT run, step, suite, suite_hash, state, attempts, error, updated_at, finished_at, started_at "
+                "FROM evals WHERE run=? AND step=? AND suite=? AND suite_hash=?",
                 (run, step, suite, suite_hash),
             ).fetchone()
-        return EvalRow(r[0], r[1], r[2], r[3], EvalState(r[4]), r[5], r[6], r[7], r[8]) if r else None
+        return EvalRow(r[0], r[1], r[2], r[3], EvalState(r[4]), r[5], r[6], r[7], r[8], r[9]) if r else None
 
     def force(self, run: str) -> int:
         """--force: every finished or failed evaluation of the run is due again."""

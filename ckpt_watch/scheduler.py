@@ -59,15 +59,17 @@ class Scheduler:
     def pending(self) -> dict[int, list[PlannedSuite]]:
         """Pending evaluations of the current suite configs, by step."""
         out: dict[int, list[PlannedSuite]] = {}
-        for row in self.ledger.evals(self.run, EvalState.PENDING):
-            s = self.suites.get(row.suite)
-            if s is not None and s.hash == row.suite_hash:
-                out.setdefault(row.step, []).append(s)
+        for step, suite, suite_hash in self.ledger.pending_keys(self.run):
+            s = self.suites.get(suite)
+            if s is not None and s.hash == suite_hash:
+                out.setdefault(step, []).append(s)
         return out
 
     def next_step(self, available: set[int]) -> int | None:
         """The step to evaluate next among those whose adapter is available."""
-        steps = [s for s in self.pending() if s in available]
+        # distinct steps straight from SQL: the daemon asks every loop, and the backlog may be long
+        pending = self.ledger.pending_steps(self.run, [(s.name, s.hash) for s in self.suites.values()])
+        steps = [s for s in pending if s in available]
         if not steps:
             return None
         if BASE_STEP in steps:

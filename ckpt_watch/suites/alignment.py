@@ -298,7 +298,7 @@ class AlignmentSuite:
         return SuiteResult(
             suite=self.name,
             step=ctx.checkpoint.step,
-            # nothing judged at all is a failure to retry later, reported with its count
+            # nothing judged at all is a failed result (with the count), never a mean of zeros; `--force` re-runs it
             status=ResultStatus.ERROR if failed_all else ResultStatus.OK,
             metrics=metrics,
             samples=samples,

@@ -1,0 +1,1 @@
+"""Fault-injection scenarios: the real daemon as a subprocess, faults injected from outside."""
