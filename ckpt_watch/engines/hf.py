@@ -228,14 +228,29 @@ class HFEngine:
         return results
 
     async def score(self, handle: AdapterHandle, requests: list[ScoreRequest]) -> list[ScoreResult]:
-        # longest first, so each batch pads little and memory peaks early
-        order = sorted(
-            range(len(requests)), key=lambda i: -len(requests[i].context_ids) - len(requests[i].continuation_ids)
-        )
         out: list[ScoreResult | None] = [None] * len(requests)
+        # one-token continuations of a shared context (multiple-choice labels) need one forward
+        # pass of the context, not one per label
+        shared: dict[tuple[int, ...], list[int]] = {}
+        for i, r in enumerate(requests):
+            if len(r.continuation_ids) == 1:
+                shared.setdefault(tuple(r.context_ids), []).append(i)
+        shared = {ctx: idxs for ctx, idxs in shared.items() if len(idxs) > 1}
         bs = self.config.batch_size
-        for i in range(0, len(order), bs):
-            idxs = order[i : i + bs]
+        contexts = list(shared)
+        for i in range(0, len(contexts), bs):
+            chunk = contexts[i : i + bs]
+            rows = await asyncio.to_thread(self._last_logprobs, handle, [list(c) for c in chunk])
+            for ctx, row in zip(chunk, rows, strict=True):
+                best = int(row.argmax())
+                for j in shared[ctx]:
+                    tok = requests[j].continuation_ids[0]
+                    out[j] = ScoreResult(token_logprobs=[float(row[tok])], greedy=[tok == best])
+        rest = [i for i in range(len(requests)) if out[i] is None]
+        # longest first, so each batch pads little and memory peaks early
+        rest.sort(key=lambda i: -len(requests[i].context_ids) - len(requests[i].continuation_ids))
+        for i in range(0, len(rest), bs):
+            idxs = rest[i : i + bs]
             batch = await asyncio.to_thread(self._score_batch, handle, [requests[j] for j in idxs])
             for j, res in zip(idxs, batch, strict=True):
                 out[j] = res
@@ -279,6 +294,13 @@ class HFEngine:
     def _next_batch(self, handle: AdapterHandle, prompts: list[list[int]], k: int) -> list[dict[int, float]]:
         import torch
 
+        top = torch.topk(self._last_logprobs(handle, prompts), k, dim=-1)
+        return [dict(zip(top.indices[b].tolist(), top.values[b].tolist(), strict=True)) for b in range(len(prompts))]
+
+    def _last_logprobs(self, handle: AdapterHandle, prompts: list[list[int]]) -> Any:
+        """Log-softmax over the vocabulary at each prompt's last position ([batch, vocab])."""
+        import torch
+
         width = max(len(p) for p in prompts)
         pad = self._tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
@@ -289,8 +311,7 @@ class HFEngine:
             logits = model(
                 input_ids=input_ids.to(dev), attention_mask=attention.to(dev), position_ids=position_ids.to(dev)
             ).logits[:, -1]
-            top = torch.topk(torch.log_softmax(logits.float(), dim=-1), k, dim=-1)
-        return [dict(zip(top.indices[b].tolist(), top.values[b].tolist(), strict=True)) for b in range(len(prompts))]
+            return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 
 def _eos_ids(tok: Any, model: Any) -> set[int]:
