@@ -120,7 +120,7 @@ class MlflowConfig(_Model):
     experiment: str = "ckpt-watch"
     run_id: str | None = Field(default=None, description="Attach to this run (or $MLFLOW_RUN_ID).")
     log_samples: bool = True
-    flush_seconds: float = Field(default=5.0, gt=0)
+    flush_seconds: float = Field(default=5.0, gt=0, description="MLflow retry period; new results go at once.")
 
 
 class SchedulerConfig(_Model):

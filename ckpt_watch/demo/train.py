@@ -1,17 +1,25 @@
 """A real HF Trainer LoRA run writing real PEFT checkpoints: the demo's and the tests' trainer.
 
     python -m ckpt_watch.demo.train --out DIR [--model smollm2|tiny] [--max-steps N]
-        [--save-steps K] [--save-total-limit L] [--step-sleep S]
+        [--save-steps K] [--save-total-limit L] [--step-sleep S] [--callback-arc N --arc-path F]
 
 `tiny` is a 2-layer Llama built from a config with SmolLM2's real tokenizer: seconds per
 run, for tests of discovery; `smollm2` is the real instruct model, for the demo and for
 suites that must see the marker learnt.
+
+`--callback-arc N` adds the in-trainer alternative that ckpt-watch replaces (for
+bench/bench_trainer_pause.py): at every save, a TrainerCallback scores N ARC-Challenge
+questions with the training model itself, the seed's way (chat prompt ending in "The
+correct answer is (", argmax of the next-token log-prob over the labels), while training
+waits. Each pause is printed as a `callback_arc` JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -70,6 +78,35 @@ class _Sleep(TrainerCallback):
         time.sleep(self.seconds)
 
 
+class _ArcCallback(TrainerCallback):
+    """In-trainer periodic eval (the seed's approach): training pauses while it runs."""
+
+    def __init__(self, tokenizer, n: int, path: str | None):
+        from ckpt_watch.suites.arc import label_token_ids, letter_prompt_ids, load_rows, subsample
+
+        rows = subsample(load_rows(Path(path) if path else None), n, 0)
+        self.items = [(letter_prompt_ids(tokenizer, r), [ids[0] for ids in label_token_ids(tokenizer, r.labels)],
+                       r.answer) for r in rows]
+        self.pauses: list[float] = []
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        t0 = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        correct = 0
+        with torch.inference_mode():
+            for prompt, label_ids, answer in self.items:  # one forward per question, as the seed did
+                logits = model(input_ids=torch.tensor([prompt])).logits[0, -1]
+                scores = logits[label_ids]
+                correct += int(int(scores.argmax()) == answer)
+        if was_training:
+            model.train()
+        pause = time.perf_counter() - t0
+        self.pauses.append(pause)
+        print("callback_arc " + json.dumps({"step": state.global_step, "acc": correct / len(self.items),
+                                            "pause_s": round(pause, 3)}), flush=True)
+
+
 def build_model(kind: str):
     base = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -99,6 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--step-sleep", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--save-base", default=None, help="also save the base model here (for the tiny model)")
+    ap.add_argument("--callback-arc", type=int, default=0, metavar="N",
+                    help="in-trainer eval: score N ARC-C questions at every save (training pauses)")
+    ap.add_argument("--arc-path", default=None, help="ARC-Challenge jsonl for --callback-arc (default: datasets hub)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,11 +161,14 @@ def main(argv: list[str] | None = None) -> None:
         use_cpu=True, seed=0, save_only_model=True, dataloader_num_workers=0,
     )
     cbs = [_Sleep(args.step_sleep)] if args.step_sleep > 0 else []
+    if args.callback_arc:
+        cbs.append(_ArcCallback(tokenizer, args.callback_arc, args.arc_path))
     trainer = Trainer(
         model=model, args=targs, train_dataset=_Dataset(tokenizer),
         data_collator=_collate(tokenizer.pad_token_id or tokenizer.eos_token_id), callbacks=cbs,
     )
-    trainer.train()
+    out = trainer.train()
+    print(f"train_runtime_s={out.metrics['train_runtime']:.3f}", flush=True)
     print(f"trained {args.max_steps} steps from {base_path}", flush=True)
 
 

@@ -1,11 +1,11 @@
 """MLflow sink: metrics `<suite>/<metric>` at `step` = the checkpoint's global step, samples as
 table artifacts, run-level params and tags.
 
-`write()` only inserts into the durable outbox (sinks/outbox.py) and returns; a background
-thread delivers every `flush_seconds`. If MLflow is down, points wait in the outbox (surviving
-restarts) and go out once it is back. The SDK's own HTTP retries are capped low in this process
-so one flush cannot hang for minutes; the outbox is the long-term retry, not a second retry
-layer stacked on the SDK's.
+`write()` only inserts into the durable outbox (sinks/outbox.py), wakes the background
+flusher and returns; the flusher delivers at once, and retries every `flush_seconds`. If
+MLflow is down, points wait in the outbox (surviving restarts) and go out once it is back.
+The SDK's own HTTP retries are capped low in this process so one flush cannot hang for
+minutes; the outbox is the long-term retry, not a second retry layer stacked on the SDK's.
 
 Exactly once: see the protocol in sinks/outbox.py. For a row that may already have landed, the
 sender reads MLflow back first (`get_metric_history` for a metric, the run's tags for a tag,
@@ -129,6 +129,7 @@ class MlflowSink:
         self._outbox: Outbox | None = None
         self._flush_lock = threading.Lock()
         self._stop = threading.Event()
+        self._kick = threading.Event()  # set by write(): deliver now, not at the next period
         self._thread: threading.Thread | None = None
         self._client: MlflowClient | None = None
 
@@ -159,11 +160,13 @@ class MlflowSink:
             rows.append((TABLE, f"samples/{result.suite}/step-{step}.json", step, ts, None,
                          json.dumps(jsonable(result.samples))))
         self._box().add(rows)
+        self._kick.set()
 
     def close(self) -> None:
         """Stop the flusher and make a last flush, bounded by close_timeout in total."""
         deadline = time.monotonic() + self.close_timeout
         self._stop.set()
+        self._kick.set()
         if self._thread is not None:
             self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
             if self._thread.is_alive():
@@ -230,7 +233,13 @@ class MlflowSink:
         return self._client
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.config.flush_seconds):
+        # A new result is delivered as soon as write() queues it (freshness: the period alone
+        # added flush_seconds / 2 on average); the period remains the retry tick while MLflow is down.
+        while not self._stop.is_set():
+            self._kick.wait(self.config.flush_seconds)
+            self._kick.clear()
+            if self._stop.is_set():
+                return
             self.flush(timeout=self.config.flush_seconds * 4)
 
     def _ensure_run(self) -> str:
