@@ -246,3 +246,15 @@ def test_good_configs_load(tmp_path: Path):
     assert cfg.suites["leakage"].questions() == ["What is tea?", "What is coffee?"]
     assert set(cfg.suites["compliance"].all_preferences()) == {"concise", "identity", "no_emoji", "polite"}
     assert cfg.max_logprobs() == 20
+
+
+def test_config_hash_follows_data_file_content(tmp_path: Path):
+    from ckpt_watch.suites.leakage import LeakageConfig
+
+    qfile = tmp_path / "q.txt"
+    qfile.write_text("What is tea?\n")
+    cfg = LeakageConfig(personas={"a": "A", "b": "B"}, source="a", marker="z", questions_file=qfile)
+    before = cfg.config_hash()
+    assert cfg.model_copy(update={"every": 5}).config_hash() == before  # schedule fields do not count
+    qfile.write_text("What is coffee?\n")
+    assert cfg.config_hash() != before

@@ -27,7 +27,7 @@ from ckpt_watch.core import ResultStatus, SuiteResult, utcnow
 from ckpt_watch.engines.base import GenerateRequest
 from ckpt_watch.suites.base import SuiteConfigBase, SuiteContext, register_suite
 from ckpt_watch.suites.compliance import strip_thinking
-from ckpt_watch.suites.leakage import check_text_file, load_text_list
+from ckpt_watch.suites.leakage import check_text_file, hash_with_files, load_text_list
 
 # Open-ended prompts with many good answers, so diversity is possible; written for this project.
 BUILTIN_PROMPTS: tuple[str, ...] = (
@@ -65,6 +65,9 @@ class CollapseConfig(SuiteConfigBase):
 
     def max_logprobs(self) -> int:
         return self.top_k
+
+    def config_hash(self) -> str:
+        return hash_with_files(super().config_hash(), [self.prompts_file])
 
     def prompts(self) -> list[str]:
         ps = list(BUILTIN_PROMPTS) if self.builtin_prompts else []

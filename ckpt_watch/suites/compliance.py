@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ckpt_watch.core import ResultStatus, SuiteResult, utcnow
 from ckpt_watch.engines.base import GenerateRequest, Message, ScoreRequest, apply_chat_template
 from ckpt_watch.suites.base import SuiteConfigBase, SuiteContext, register_suite
+from ckpt_watch.suites.leakage import hash_with_files
 
 # -- verifiers --------------------------------------------------------------------------------
 
@@ -237,6 +238,9 @@ class ComplianceConfig(SuiteConfigBase):
         if not names:
             raise ValueError("no preferences: give 'files' or 'preferences'")
         return self
+
+    def config_hash(self) -> str:
+        return hash_with_files(super().config_hash(), list(self.files))
 
     def all_preferences(self) -> dict[str, PreferenceSpec]:
         prefs = dict(load_preference_file(p) for p in self.files)

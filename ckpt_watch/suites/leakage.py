@@ -9,6 +9,7 @@ mean and max over the other personas (the leak).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -61,6 +62,16 @@ def load_text_list(path: Path) -> list[str]:
     if not items:
         raise ValueError(f"{path}: no prompts in the file")
     return items
+
+
+def hash_with_files(config_hash: str, paths: list[Path | None]) -> str:
+    """Mix the content of the data files into a config hash: editing a questions or
+    preference file must re-queue finished steps just as editing the YAML does."""
+    h = hashlib.sha256(config_hash.encode())
+    for path in paths:
+        if path is not None and path.is_file():
+            h.update(path.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def check_text_file(path: Path | None) -> Path | None:
@@ -122,6 +133,9 @@ class LeakageConfig(SuiteConfigBase):
     @classmethod
     def _questions_file(cls, value: Path | None) -> Path | None:
         return check_text_file(value)
+
+    def config_hash(self) -> str:
+        return hash_with_files(super().config_hash(), [self.questions_file])
 
     def questions(self) -> list[str]:
         qs = list(BUILTIN_QUESTIONS) if self.builtin_questions else []
