@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from itertools import combinations
@@ -21,7 +22,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
-from rouge_score import rouge_scorer, tokenizers
 
 from ckpt_watch.core import ResultStatus, SuiteResult, utcnow
 from ckpt_watch.engines.base import GenerateRequest
@@ -101,9 +101,15 @@ def mean_token_entropy(per_token: list[dict[int, float]]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-# the scorer's own default tokenizer (lower-cased alphanumeric words), kept to test for "no words"
-_TOKENIZER = tokenizers.DefaultTokenizer(use_stemmer=False)
-_SCORER = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_TOKENIZER)
+@functools.cache
+def _rouge() -> tuple[Any, Any]:
+    """(scorer, its tokenizer), built on first use: rouge_score pulls in nltk and scikit-learn,
+    ~250 MiB the daemon should not carry unless a collapse suite actually runs."""
+    from rouge_score import rouge_scorer, tokenizers
+
+    # the scorer's own default tokenizer (lower-cased alphanumeric words), kept to test for "no words"
+    tokenizer = tokenizers.DefaultTokenizer(use_stemmer=False)
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=tokenizer), tokenizer
 
 
 def rouge_l(a: str, b: str) -> float | None:
@@ -111,14 +117,14 @@ def rouge_l(a: str, b: str) -> float | None:
     texts with no words between them have no defined score (None)."""
     if a == b:
         return 1.0
-    score = _SCORER.score(a, b)["rougeL"]
+    score = _rouge()[0].score(a, b)["rougeL"]
     if score.precision == 0 and score.recall == 0 and not (_has_tokens(a) or _has_tokens(b)):
         return None
     return float(score.fmeasure)
 
 
 def _has_tokens(text: str) -> bool:
-    return bool(_TOKENIZER.tokenize(text))
+    return bool(_rouge()[1].tokenize(text))
 
 
 def self_rouge_l(texts: list[str]) -> float | None:
