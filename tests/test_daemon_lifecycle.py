@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.faults.harness import ledger_rows
 from tests.test_daemon_discovery import metric_lines, wait_for
 
 pytestmark = pytest.mark.slow
@@ -76,16 +76,12 @@ def _start(cfg: Path, env_extra: dict[str, str], *args: str) -> subprocess.Popen
 
 
 def _running(results: Path) -> str | None:
-    if not (results / "ledger.sqlite").exists():
-        return None
-    with sqlite3.connect(results / "ledger.sqlite") as db:
-        row = db.execute("SELECT suite FROM evals WHERE state='running'").fetchone()
-    return row[0] if row else None
+    rows = ledger_rows(results, "SELECT suite FROM evals WHERE state='running'")
+    return rows[0][0] if rows else None
 
 
 def _ledger_states(results: Path) -> Counter:
-    with sqlite3.connect(results / "ledger.sqlite") as db:
-        return Counter(r[0] for r in db.execute("SELECT state FROM evals"))
+    return Counter(r[0] for r in ledger_rows(results, "SELECT state FROM evals"))
 
 
 def test_sigterm_mid_suite_drains_then_restart_finishes(tmp_path, tiny_run, tiny_base):
@@ -131,7 +127,7 @@ def test_sigterm_within_drain_time_finishes_the_suite(tmp_path, tiny_run, tiny_b
     results = tmp_path / "results"
     daemon = _start(cfg, {})
     try:
-        wait_for(lambda: (results / "ledger.sqlite").exists() and _ledger_states(results)["running"] == 1, 120,
+        wait_for(lambda: _ledger_states(results)["running"] == 1, 120,
                  "a suite running", daemon)
         daemon.send_signal(signal.SIGTERM)
         out, _ = daemon.communicate(timeout=300)

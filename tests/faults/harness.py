@@ -186,20 +186,30 @@ def json_duplicates(results: Path, run: str) -> int:
     return sum(n - 1 for n in counts.values())
 
 
+def ledger_rows(results: Path, sql: str) -> list[tuple]:
+    """Rows from the daemon's ledger, read-only; none while the daemon has not created it yet
+    (the file can exist a moment before its tables do)."""
+    path = results / "ledger.sqlite"
+    if not path.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            return db.execute(sql).fetchall()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return []
+        raise
+
+
 def eval_states(results: Path) -> dict[tuple[int, str], tuple[str, int, str | None]]:
     """(step, suite) → (state, attempts, error) from the ledger."""
-    with sqlite3.connect(results / "ledger.sqlite") as db:
-        rows = db.execute("SELECT step, suite, state, attempts, error FROM evals").fetchall()
+    rows = ledger_rows(results, "SELECT step, suite, state, attempts, error FROM evals")
     return {(r[0], r[1]): (r[2], r[3], r[4]) for r in rows}
 
 
 def checkpoint_states(results: Path) -> dict[int, tuple[str, str | None]]:
     """step → (state, error) from the ledger's checkpoints table."""
-    path = results / "ledger.sqlite"
-    if not path.exists():
-        return {}
-    with sqlite3.connect(path) as db:
-        rows = db.execute("SELECT step, state, error FROM checkpoints").fetchall()
+    rows = ledger_rows(results, "SELECT step, state, error FROM checkpoints")
     return {r[0]: (r[1], r[2]) for r in rows}
 
 
