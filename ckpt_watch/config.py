@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from ckpt_watch.suites.base import SuiteConfigBase, suite_types
+from ckpt_watch.suites.base import suite_types
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 
@@ -184,9 +184,6 @@ class Config(_Model):
         if self.engine.kind == "vllm" and self.engine.url and key_env and not os.environ.get(key_env):
             raise ValueError(f"engine.api_key_env: environment variable {key_env} is not set")
         return self
-
-    def suite_configs(self) -> dict[str, SuiteConfigBase]:
-        return self.suites
 
     def resolved_run_name(self) -> str:
         if self.run_name:

@@ -59,6 +59,15 @@ def build_sinks(config: Config, paths: Paths) -> list[Sink]:
     return sinks
 
 
+def judge_for(config: Config, paths: Paths) -> Any:
+    """The LLM judge when a configured suite needs one (built lazily: it may probe the endpoint)."""
+    if config.judge is None or not any(s.needs_judge() for s in config.suites.values()):
+        return None
+    from ckpt_watch.judge import build_judge
+
+    return build_judge(config.judge, paths.cache / "judge")
+
+
 def run_params(config: Config) -> dict[str, str]:
     params = {"engine": config.engine.kind, "base_model": config.base_model}
     for name, suite in config.suites.items():
@@ -216,11 +225,7 @@ class Daemon:
         self._engine = engine
         log.info("starting the %s engine for %s", engine.name, self.config.base_model)
         await engine.start()
-        judge = None
-        if self.config.judge is not None and any(s.needs_judge() for s in self.config.suites.values()):
-            from ckpt_watch.judge import build_judge
-
-            judge = self._judge = build_judge(self.config.judge, self.paths.cache / "judge")
+        judge = self._judge = judge_for(self.config, self.paths)
         evaluator = Evaluator(engine, sinks, ledger, self.run_name, self.paths.results,
                               self.config.daemon.max_suite_attempts, judge=judge, cache_dir=self.paths.cache)
         self._progress = make_progress()

@@ -65,7 +65,6 @@ class Evaluator:
         self.judge = judge
         self.cache_dir = cache_dir
         self._suites: dict[tuple[str, str], Suite] = {}
-        self.current: str | None = None  # "step-N/suite", for status lines
         self.progress: Callable[[str, int, int], None] = lambda label, done, total: None
 
     def _suite(self, planned: PlannedSuite) -> Suite:
@@ -91,7 +90,6 @@ class Evaluator:
                     return
                 await self._run_suite(ckpt, handle, planned)
         finally:
-            self.current = None
             try:
                 await self.engine.unload(handle)
             except EngineError as exc:
@@ -102,10 +100,9 @@ class Evaluator:
         if self._redeliver(ckpt, planned):
             return
         self.ledger.set_eval(*row_key, EvalState.RUNNING)
-        self.current = f"{ckpt.label}/{planned.name}"
+        label = f"{ckpt.label}/{planned.name}"
         log.info("%s: running %s", ckpt.label, planned.name)
         baseline = None if ckpt.step == BASE_STEP else read_result(self.results_dir, self.run, BASE_STEP, planned.name)
-        label = self.current
         ctx = SuiteContext(
             engine=self.engine, handle=handle, checkpoint=ckpt, run_name=self.run, baseline=baseline,
             judge=self.judge, cache_dir=self.cache_dir,

@@ -15,7 +15,7 @@ from pathlib import Path
 from ckpt_watch.checkpoints import TRAINER_STATE, Layout, Readiness, check_checkpoint
 from ckpt_watch.config import Config
 from ckpt_watch.core import BASE_STEP, Checkpoint, CheckpointError, CheckpointKind
-from ckpt_watch.daemon import Paths, build_sinks, run_params
+from ckpt_watch.daemon import Paths, build_sinks, judge_for, run_params
 from ckpt_watch.engines.factory import make_engine
 from ckpt_watch.evaluate import Evaluator
 from ckpt_watch.ledger import CkptState, EvalState, Ledger
@@ -75,10 +75,7 @@ async def evaluate_paths(config: Config, paths: list[Path], *, base: bool, force
     judge = None
     try:
         await engine.start()
-        if config.judge is not None and any(s.needs_judge() for s in config.suites.values()):
-            from ckpt_watch.judge import build_judge
-
-            judge = build_judge(config.judge, dirs.cache / "judge")
+        judge = judge_for(config, dirs)
         evaluator = Evaluator(engine, sinks, ledger, run, dirs.results, config.daemon.max_suite_attempts,
                               judge=judge, cache_dir=dirs.cache)
         for ckpt in targets:
