@@ -59,6 +59,7 @@ def daemon_config(tmp: Path, name: str, *, polling: bool, base: bool) -> Path:
     cfg.write_text(f"""
 base_model: smollm2
 results_dir: {tmp / name / "results"}
+run_name: run1
 watch:
   dir: {watch}
   polling: {str(polling).lower()}

@@ -36,20 +36,29 @@ class Layout:
         self.kind = watch.layout
         self.pattern = watch.pattern
         self.step_re = re.compile(watch.step_regex) if watch.step_regex else None
+        self.steps_per_epoch = getattr(watch, "steps_per_epoch", None) or 1
+
+    def epoch_of(self, name: str) -> int | None:
+        """torchtune's epoch number of an `epoch_N` folder (None for other layouts)."""
+        m = _TORCHTUNE_RE.match(name) if self.kind == "torchtune" else None
+        return int(m.group(1)) if m else None
 
     def step_of(self, name: str) -> int | None:
+        """The global training step a folder holds, or None if it is not a checkpoint folder."""
         # trainers stage in hidden or tmp-* folders; those are never checkpoints
         if name.startswith(".") or name.startswith("tmp-"):
             return None
+        if self.kind == "torchtune":
+            epoch = self.epoch_of(name)
+            return None if epoch is None else (epoch + 1) * self.steps_per_epoch
         if self.kind == "hf":
             m = _HF_RE.match(name)
-        elif self.kind == "torchtune":
-            m = _TORCHTUNE_RE.match(name)
         else:
             if self.pattern is None or not fnmatch.fnmatch(name, self.pattern):
                 return None
             m = self.step_re.search(name) if self.step_re else None
-        return int(m.group(1)) if m else None
+        step = int(m.group(1)) if m else None
+        return step if step else None  # step 0 is the base model, never a folder
 
     @property
     def has_state_marker(self) -> bool:
@@ -95,6 +104,7 @@ class Check:
     state: Readiness
     reason: str = ""
     is_final: bool = False
+    max_steps: int | None = None  # from trainer_state.json, when the trainer writes it
 
 
 Fingerprint = tuple[tuple[str, int, int], ...]
@@ -152,6 +162,7 @@ def adapter_weights(path: Path) -> Path | None:
 def check_checkpoint(path: Path, step: int, layout: Layout, watch_root: Path) -> Check:
     """Is the folder a complete, usable checkpoint of `step`? Pure inspection, no side effects."""
     final = False
+    max_steps = None
     if layout.has_state_marker or (path / TRAINER_STATE).exists():
         state_file = path / TRAINER_STATE
         if not state_file.exists():
@@ -166,7 +177,8 @@ def check_checkpoint(path: Path, step: int, layout: Layout, watch_root: Path) ->
         if got != step:
             return Check(Readiness.INVALID, f"{TRAINER_STATE} global_step is {got!r}, folder says {step}")
         max_steps = state.get("max_steps")
-        final = isinstance(max_steps, int) and max_steps > 0 and step >= max_steps
+        max_steps = max_steps if isinstance(max_steps, int) and max_steps > 0 else None
+        final = max_steps is not None and step >= max_steps
     cfg = path / ADAPTER_CONFIG
     if not (cfg.exists() or cfg.is_symlink()):
         return Check(Readiness.INCOMPLETE if not layout.has_state_marker else Readiness.INVALID,
@@ -190,4 +202,4 @@ def check_checkpoint(path: Path, step: int, layout: Layout, watch_root: Path) ->
             read_safetensors_header(weights)
         except (ValueError, json.JSONDecodeError, UnicodeDecodeError, struct.error) as exc:
             return Check(Readiness.INVALID, f"{weights.name}: {exc}")
-    return Check(Readiness.READY, is_final=final)
+    return Check(Readiness.READY, is_final=final, max_steps=max_steps)

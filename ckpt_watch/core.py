@@ -35,6 +35,7 @@ class Checkpoint:
     adapter_dir: Path | None
     kind: CheckpointKind = CheckpointKind.ADAPTER
     is_final: bool = False
+    epoch: int | None = None  # torchtune's epoch_N (its step is on the global-step axis)
 
     @classmethod
     def base(cls, run: str) -> Checkpoint:
@@ -104,3 +105,16 @@ class EngineError(Exception):
 
 class EngineUnavailable(EngineError):
     """The engine's server is down; the evaluation should be retried after a restart."""
+
+
+class Stopped(Exception):
+    """A stop request ended a wait (engine start-up or restart, a lock) before it finished."""
+
+
+class NewTrainingRun(Exception):
+    """A known step's folder now holds different weights: a new training run in the same folder."""
+
+    def __init__(self, step: int, old_sha: str, new_sha: str, path: str):
+        self.step, self.old_sha, self.new_sha, self.path = step, old_sha, new_sha, path
+        super().__init__(f"{path} now holds different weights than the step-{step} checkpoint evaluated before "
+                         f"(sha256 {old_sha[:12]} → {new_sha[:12]})")

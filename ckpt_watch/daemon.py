@@ -1,10 +1,14 @@
 """The daemon's lifecycle: discover → schedule → evaluate → sinks, until told to stop.
 
-Signal handlers only set flags (uvicorn's habit). On the first SIGTERM/SIGINT the
-current suite may finish within `drain_seconds`; past that it is cancelled and its row
-goes back to pending. A second SIGINT cancels at once. Then adapters are unloaded, a
-managed vLLM is stopped, sinks are flushed, and the process exits 0. Under systemd
-(NOTIFY_SOCKET) it reports READY, STATUS, WATCHDOG and STOPPING.
+Signal handlers only set flags (uvicorn's habit). On the first SIGTERM/SIGINT the current
+suite — or the engine's start-up — may finish within `drain_seconds`; past that it is
+cancelled (a managed vLLM server being started is terminated) and its row goes back to
+pending. A second SIGINT cancels at once. Then adapters are unloaded, a managed vLLM is
+stopped, sinks are flushed, the run's lock is released, and the process exits 0. Under
+systemd (NOTIFY_SOCKET) it reports READY once the engine answers (EXTEND_TIMEOUT_USEC
+keeps a slow start alive, WATCHDOG pings run from the start), STATUS, and STOPPING.
+
+`run --once` evaluates what is due now and returns 1 when any evaluation it made failed.
 """
 
 from __future__ import annotations
@@ -15,65 +19,26 @@ import errno
 import logging
 import signal
 import sqlite3
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from ckpt_watch import notify
+from ckpt_watch.app import App, Paths, build_sinks, judge_for, run_params  # noqa: F401 (re-exported)
 from ckpt_watch.config import Config
-from ckpt_watch.core import BASE_STEP, Checkpoint, CheckpointError, CheckpointKind, EngineUnavailable
+from ckpt_watch.core import BASE_STEP, Checkpoint, CheckpointError, CheckpointKind, EngineUnavailable, Stopped
 from ckpt_watch.discovery import Discovery
 from ckpt_watch.engines.base import Engine
-from ckpt_watch.evaluate import Evaluator
-from ckpt_watch.ledger import CkptState, Ledger
+from ckpt_watch.ledger import CkptState
+from ckpt_watch.locking import DAEMON, ONESHOT
 from ckpt_watch.progress import LogProgress, RichProgress, make_progress
-from ckpt_watch.scheduler import Scheduler
-from ckpt_watch.sinks.base import Sink
 from ckpt_watch.snapshot import remove_snapshot, snapshot_dir, take_snapshot
 from ckpt_watch.watcher import Watcher
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-
-@dataclass
-class Paths:
-    results: Path
-    ledger: Path
-    cache: Path
-
-    @classmethod
-    def of(cls, config: Config) -> Paths:
-        root = config.results_dir.resolve()
-        return cls(results=root, ledger=root / "ledger.sqlite", cache=root / ".cache")
-
-
-def build_sinks(config: Config, paths: Paths) -> list[Sink]:
-    from ckpt_watch.sinks.jsonfiles import JsonSink
-
-    sinks: list[Sink] = [JsonSink(paths.results)]
-    if config.mlflow.enabled:
-        from ckpt_watch.sinks.mlflow import MlflowSink
-
-        sinks.append(MlflowSink(config.mlflow, paths.results))
-    return sinks
-
-
-def judge_for(config: Config, paths: Paths) -> Any:
-    """The LLM judge when a configured suite needs one (built lazily: it may probe the endpoint)."""
-    if config.judge is None or not any(s.needs_judge() for s in config.suites.values()):
-        return None
-    from ckpt_watch.judge import build_judge
-
-    return build_judge(config.judge, paths.cache / "judge")
-
-
-def run_params(config: Config) -> dict[str, str]:
-    params = {"engine": config.engine.kind, "base_model": config.base_model}
-    for name, suite in config.suites.items():
-        for key, value in suite.model_dump(mode="json").items():
-            params[f"{name}.{key}"] = str(value)[:500]
-    return params
+START_EXTEND_SECONDS = 60.0  # EXTEND_TIMEOUT_USEC granted per message while the engine starts
 
 
 class Daemon:
@@ -84,18 +49,21 @@ class Daemon:
         self.config = config
         self.once = once
         self.force = force
-        self.run_name = config.resolved_run_name()
         self.watch_dir = Path(config.watch.dir).resolve()
-        self.paths = Paths.of(config)
-        self._engine_factory = engine_factory
-        self._engine: Engine | None = None
-        self._judge: Any = None
+        self.app = App(config, mode=ONESHOT if once else DAEMON, engine_factory=engine_factory)
+        self.paths = self.app.paths
         self._last_status = ""
         self._progress: LogProgress | RichProgress | None = None
         self._stop = False
         self._signals = 0
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._discovery: Discovery | None = None
+        self._watcher: Watcher | None = None
+
+    @property
+    def run_name(self) -> str:
+        return self.app.run
 
     # -- signals ---------------------------------------------------------------------------
 
@@ -113,90 +81,124 @@ class Daemon:
     # -- main loop -------------------------------------------------------------------------
 
     async def run(self) -> int:
+        """0 when stopped (or, with --once, when everything it evaluated succeeded), 1 when
+        --once recorded a failure. LockHeld (another daemon on this run) propagates: exit 2."""
         loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        ledger = Ledger(self.paths.ledger)
-        recovered = ledger.recover()
-        if recovered:
-            log.info("%d evaluation(s) left running by an earlier session are pending again", recovered)
-        if self.force:
-            log.info("--force: %d finished evaluation(s) are due again", ledger.force(self.run_name))
-        scheduler = Scheduler(ledger, self.run_name, self.config.suites, self.config.scheduler)
-        scheduler.plan_base()
-        for row in ledger.checkpoints(self.run_name):
-            if row.state is CkptState.READY:
-                scheduler.plan(row.step, row.is_final)  # new suite configs queue old checkpoints
-        discovery = Discovery(self.watch_dir, self.config.watch, ledger, scheduler, self.run_name, self.paths.cache)
-
-        def hint(name: str | None) -> None:
-            discovery.hint(name)
-            loop.call_soon_threadsafe(self._wake.set)
-
-        watcher = None if self.once else Watcher(self.watch_dir, self.config.watch, hint)
-        if watcher is not None:
-            watcher.start()
-        sinks = build_sinks(self.config, self.paths)
-        for sink in sinks:
-            sink.start(self.run_name, run_params(self.config))
-        evaluator: Evaluator | None = None
-        notify.ready(f"watching {self.watch_dir}")
         pinger = asyncio.create_task(self._watchdog_pings(notify.watchdog_interval()))
-        full_wait = 0.0  # > 0 while the disk under results_dir is full: seconds until the next try
+        extender = asyncio.create_task(self._extend_start_timeout())  # until READY: lock wait, judge, engine
         try:
-            while not self._stop:
-                try:
-                    if full_wait:
-                        self._resume(ledger, scheduler)  # raises again while the disk is still full
-                        full_wait = 0.0
-                    discovery.poll()
-                    step = scheduler.next_step(self._available(ledger))
-                    if step is not None:
-                        evaluator = evaluator or await self._evaluator(ledger, sinks)
-                        await self._evaluate_step(step, ledger, scheduler, evaluator, discovery)
-                        continue
-                    backlog = sum(len(v) for v in scheduler.pending().values())
-                    self._status(f"idle; {backlog} evaluation(s) waiting for checkpoints")
-                    if self.once and not discovery.settling():
-                        break
-                    timeout = discovery.seconds_until_due()
-                except (sqlite3.OperationalError, OSError) as exc:
-                    if not _disk_full(exc):
-                        raise
-                    full_wait = min(max(2 * full_wait, 2.0), 60.0)
-                    log.error("disk full under %s (%s): waiting for space, next try in %.0f s",
-                              self.paths.results, exc, full_wait)
-                    self._status(f"disk full under {self.paths.results}; waiting for space")
-                    timeout = full_wait
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+            await self.app.open(lambda: self._stop)
+            self._open_run()
+            if self.force:
+                log.info("--force: %d finished evaluation(s) are due again", self.app.ledger.force(self.run_name))
+            self._watch(loop)
+            if not self.once and not self._stop:
+                await self._start_engine()  # READY=1 only once the engine answers
+            extender.cancel()
+            if not self._stop:
+                notify.ready(f"watching {self.watch_dir}")
+                await self._loop()
+        except Stopped:
+            log.info("stop requested while starting up")
         finally:
+            extender.cancel()
             pinger.cancel()
             notify.stopping("shutting down")
-            if watcher is not None:
-                watcher.stop()
-            if self._progress is not None:
-                self._progress.close()
-            if self._judge is not None:
-                await self._judge.aclose()
-            if self._engine is not None:
-                await self._engine.close()
-            for sink in sinks:
-                sink.close()
-            ledger.close()
-            log.info("stopped")
-        return 0
+            await self._teardown()
+        return self._exit_code()
 
-    def _resume(self, ledger: Ledger, scheduler: Scheduler) -> None:
+    def _exit_code(self) -> int:
+        if not self.once:
+            return 0
+        failed = self.app.failed
+        log.info("run --once: %s", f"{failed} evaluation(s) failed" if failed else "all due evaluations succeeded")
+        return 1 if failed else 0
+
+    def _open_run(self) -> None:
+        """(Re)build what belongs to the current training run: queued work and discovery."""
+        self.app.plan_known()
+        self._discovery = Discovery(self.watch_dir, self.config.watch, self.app.ledger, self.app.scheduler,
+                                    self.run_name, self.paths.cache, previous_runs=self.app.previous_runs())
+
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        def hint(name: str | None) -> None:
+            if self._discovery is not None:
+                self._discovery.hint(name)
+            loop.call_soon_threadsafe(self._wake.set)
+
+        if not self.once:
+            self._watcher = Watcher(self.watch_dir, self.config.watch, hint)
+            self._watcher.start()
+
+    async def _loop(self) -> None:
+        full_wait = 0.0  # > 0 while the disk under results_dir is full: seconds until the next try
+        while not self._stop:
+            try:
+                if full_wait:
+                    self._resume()  # raises again while the disk is still full
+                    full_wait = 0.0
+                if await self._step():
+                    continue
+                if self.once and not self._discovery.settling():
+                    break
+                timeout = self._discovery.seconds_until_due()
+            except (sqlite3.OperationalError, OSError) as exc:
+                if not _disk_full(exc):
+                    raise
+                full_wait = min(max(2 * full_wait, 2.0), 60.0)
+                log.error("disk full under %s (%s): waiting for space, next try in %.0f s",
+                          self.paths.results, exc, full_wait)
+                self._status(f"disk full under {self.paths.results}; waiting for space")
+                timeout = full_wait
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+
+    async def _step(self) -> bool:
+        """One turn: look for checkpoints, evaluate the next due step. True if work was done."""
+        self._discovery.poll()
+        if self._discovery.new_training is not None:
+            self._new_training()
+            return True
+        step = self.app.scheduler.next_step(self._available())
+        if step is None:
+            if recovered := self.app.recover_orphans():
+                log.info("%d evaluation(s) left running by a process that is gone are pending again", recovered)
+                return True
+            backlog = sum(len(v) for v in self.app.scheduler.pending().values())
+            self._status(f"idle; {backlog} evaluation(s) waiting for checkpoints")
+            return False
+        await self._start_engine()
+        await self._evaluate_step(step)
+        return True
+
+    def _new_training(self) -> None:
+        found = self._discovery.new_training
+        if self.app.guest:
+            # only the run's lock holder starts a new run (else two processes could start two)
+            log.warning("%s: a new training run in the same folder; the daemon evaluating this run starts it, "
+                        "this process stops here", found)
+            self._stop = True
+            return
+        self.app.switch_run(str(found))
+        self._open_run()
+
+    async def _teardown(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+        if self._progress is not None:
+            self._progress.close()
+        await self.app.close()
+        log.info("stopped")
+
+    def _resume(self) -> None:
         """After the ledger could not be written (disk full): what was left running is due again and
         checkpoints recorded meanwhile get their evaluations planned, as at start-up."""
-        recovered = ledger.recover()
-        scheduler.plan_base()
-        for row in ledger.checkpoints(self.run_name):
-            if row.state is CkptState.READY:
-                scheduler.plan(row.step, row.is_final)
+        recovered = self.app.ledger.recover([self.run_name]) if not self.app.guest else 0
+        self.app.plan_known()
         log.info("disk space is back; %d interrupted evaluation(s) pending again", recovered)
 
     def _status(self, text: str) -> None:
@@ -211,45 +213,77 @@ class Daemon:
             notify.watchdog()
             await asyncio.sleep(every)
 
-    def _available(self, ledger: Ledger) -> set[int]:
-        ready = {r.step for r in ledger.checkpoints(self.run_name) if r.state is CkptState.READY}
+    def _available(self) -> set[int]:
+        ready = {r.step for r in self.app.ledger.checkpoints(self.run_name) if r.state is CkptState.READY}
         return ready | {BASE_STEP}
 
-    async def _evaluator(self, ledger: Ledger, sinks: list[Sink]) -> Evaluator:
-        if self._engine_factory is not None:
-            engine = self._engine_factory(self.config, self.paths.results)
-        else:
-            from ckpt_watch.engines.factory import make_engine
+    # -- engine ----------------------------------------------------------------------------
 
-            engine = make_engine(self.config, self.paths.results)
-        self._engine = engine
-        log.info("starting the %s engine for %s", engine.name, self.config.base_model)
-        await engine.start()
-        judge = self._judge = judge_for(self.config, self.paths)
-        evaluator = Evaluator(engine, sinks, ledger, self.run_name, self.paths.results,
-                              self.config.daemon.max_suite_attempts, judge=judge, cache_dir=self.paths.cache)
-        self._progress = make_progress()
-        evaluator.progress = self._progress
-        return evaluator
+    async def _start_engine(self) -> None:
+        if self.app.evaluator is not None:
+            return
+        self._status(f"starting the {self.config.engine.kind} engine")
+        await self._cancellable(self.app.start_engine())
+        self._progress = self._progress or make_progress()
+        self.app.progress = self._progress
+        self.app.evaluator.progress = self._progress
 
-    def _checkpoint(self, step: int, ledger: Ledger) -> Checkpoint | None:
+    async def _extend_start_timeout(self) -> None:
+        """Under systemd, keep TimeoutStartSec from killing a slow (minutes-long) vLLM start."""
+        while True:
+            notify.notify(f"EXTEND_TIMEOUT_USEC={int(START_EXTEND_SECONDS * 2 * 1_000_000)}")
+            await asyncio.sleep(START_EXTEND_SECONDS)
+
+    async def _cancellable(self, aw: Awaitable[T]) -> T:
+        """Await `aw` (engine start-up or restart) as a task a stop request can end: it gets
+        drain_seconds to finish, then it is cancelled (a starting server is terminated) and
+        Stopped is raised. The 'cancellable' marker: nothing long runs outside such a task."""
+        task = asyncio.ensure_future(aw)
+        self._task = task
+        try:
+            while not task.done():
+                waiter = asyncio.ensure_future(self._wake.wait())
+                await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                if self._stop and not task.done():
+                    try:
+                        return await asyncio.wait_for(asyncio.shield(task), self.config.daemon.drain_seconds)
+                    except (TimeoutError, asyncio.CancelledError):  # drain over, or a second Ctrl-C
+                        task.cancel()
+                        await asyncio.gather(task, return_exceptions=True)
+                        raise Stopped() from None
+                if not self._stop:
+                    self._wake.clear()
+            if task.cancelled():
+                raise Stopped()
+            return task.result()
+        finally:
+            self._task = None
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def _checkpoint(self, step: int) -> Checkpoint | None:
         if step == BASE_STEP:
             return Checkpoint(self.run_name, BASE_STEP, None, None, CheckpointKind.BASE)
-        row = ledger.checkpoint(self.run_name, step)
+        row = self.app.ledger.checkpoint(self.run_name, step)
         if row is None or row.path is None:
             return None
         snap = Path(row.snapshot) if row.snapshot else snapshot_dir(self.paths.cache, self.run_name, step)
         if not snap.is_dir():
-            # snapshots are removed once a step is finished; a changed suite config needs it again
-            snap = take_snapshot(Path(row.path), self.watch_dir, snapshot_dir(self.paths.cache, self.run_name, step))
-        return Checkpoint(self.run_name, step, Path(row.path), snap, CheckpointKind.ADAPTER, row.is_final)
+            # dropped by keep_snapshots; a changed suite config needs it again
+            again = take_snapshot(Path(row.path), self.watch_dir, snapshot_dir(self.paths.cache, self.run_name, step))
+            if row.sha256 and again.sha256 != row.sha256:
+                raise CheckpointError(f"{row.path} now holds other weights than step {step} had (a new training "
+                                      "run); this run's step is not re-evaluated on them")
+            snap = again.path
+        return Checkpoint(self.run_name, step, Path(row.path), snap, CheckpointKind.ADAPTER, row.is_final,
+                          epoch=row.epoch)
 
-    async def _evaluate_step(
-        self, step: int, ledger: Ledger, scheduler: Scheduler, evaluator: Evaluator, discovery: Discovery
-    ) -> None:
+    async def _evaluate_step(self, step: int) -> None:
+        scheduler = self.app.scheduler
         suites = scheduler.pending().get(step, [])
         try:
-            ckpt = self._checkpoint(step, ledger)
+            ckpt = self._checkpoint(step)
         except CheckpointError as exc:
             scheduler.skip(step, f"adapter no longer available: {exc}")
             return
@@ -258,9 +292,9 @@ class Daemon:
             return
         backlog = sum(len(v) for v in scheduler.pending().values())
         self._status(f"evaluating {ckpt.label} ({len(suites)} suite(s)); backlog {backlog}")
-        self._task = asyncio.create_task(evaluator.evaluate(ckpt, suites, lambda: self._stop))
+        self._task = asyncio.create_task(self.app.evaluator.evaluate(ckpt, suites, lambda: self._stop))
         try:
-            await self._drain(self._task, discovery)
+            await self._drain(self._task)
         except EngineUnavailable as exc:
             await self._recover_engine(exc)
             return
@@ -270,12 +304,23 @@ class Daemon:
             return
         finally:
             self._task = None
-        if not scheduler.pending().get(step) and ckpt.adapter_dir is not None:
-            remove_snapshot(ckpt.adapter_dir)
+        self._prune_snapshots()
 
-    async def _drain(self, task: asyncio.Task, discovery: Discovery) -> None:
+    def _prune_snapshots(self) -> None:
+        """Keep the newest `daemon.keep_snapshots` finished steps' snapshots (all when null)."""
+        keep = self.config.daemon.keep_snapshots
+        if keep is None:
+            return
+        pending = set(self.app.scheduler.pending())
+        rows = [r for r in self.app.ledger.checkpoints(self.run_name)
+                if r.state is CkptState.READY and r.snapshot and r.step not in pending]
+        for row in sorted(rows, key=lambda r: r.step, reverse=True)[keep:]:
+            remove_snapshot(Path(row.snapshot))
+
+    async def _drain(self, task: asyncio.Task) -> None:
         """Wait for the task while still snapshotting new checkpoints (rotation may delete
         them before the current evaluation ends); once stopping, give it drain_seconds."""
+        discovery = self._discovery
         waiter = asyncio.ensure_future(self._wake.wait())
         try:
             while not task.done():
@@ -294,7 +339,7 @@ class Daemon:
                 if waiter.done():
                     self._wake.clear()
                     waiter = asyncio.ensure_future(self._wake.wait())
-                if not self._stop:
+                if not self._stop and discovery.new_training is None:
                     discovery.poll()
         finally:
             waiter.cancel()
@@ -306,19 +351,28 @@ class Daemon:
 
     async def _recover_engine(self, exc: EngineUnavailable) -> None:
         log.error("engine unavailable: %s", exc)
-        restart = getattr(self._engine, "restart", None)
+        restart = getattr(self.app.engine, "restart", None)
         delay = 5.0
         while not self._stop:
             try:
                 if restart is not None:
-                    await restart()
+                    await self._cancellable(restart())
                     return
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
+                return
+            except Stopped:
                 return
             except EngineUnavailable as again:
                 log.error("engine still unavailable (%s); retrying in %.0f s", again, delay)
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
                 delay = min(delay * 2, 120.0)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep that a stop request ends at once."""
+        self._wake.clear()
+        if not self._stop:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=seconds)
 
 
 def _disk_full(exc: BaseException) -> bool:

@@ -6,6 +6,12 @@ records it in the ledger, where the scheduler queues its due suites. A folder th
 still being written is simply looked at again later; one that is stable but invalid
 counts an attempt and is marked failed after `max_attempts`; one rotated away before its
 snapshot is recorded as vanished. Nothing here raises for a bad checkpoint.
+
+Fingerprints: each snapshot records the SHA-256 of the adapter weights and the trainer's
+file (size, mtime). A known step whose file changes is hashed again; different weights mean
+a new training run in the same folder: `new_training` is set and the daemon starts a new run.
+In a new run, a folder whose weights equal an earlier run's checkpoint at the same step is a
+leftover of that training (recorded `stale`, not evaluated again).
 """
 
 from __future__ import annotations
@@ -16,12 +22,27 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ckpt_watch.checkpoints import Fingerprint, Layout, Readiness, check_checkpoint, fingerprint, scan
+from ckpt_watch.checkpoints import (
+    Fingerprint,
+    Layout,
+    Readiness,
+    adapter_weights,
+    check_checkpoint,
+    fingerprint,
+    scan,
+)
 from ckpt_watch.config import WatchConfig
-from ckpt_watch.core import CheckpointError
-from ckpt_watch.ledger import CkptState, Ledger
+from ckpt_watch.core import CheckpointError, NewTrainingRun
+from ckpt_watch.ledger import CkptRow, CkptState, Ledger
 from ckpt_watch.scheduler import Scheduler
-from ckpt_watch.snapshot import CheckpointVanished, snapshot_dir, take_snapshot
+from ckpt_watch.snapshot import (
+    CheckpointRefused,
+    CheckpointVanished,
+    snapshot_dir,
+    stat_key,
+    take_snapshot,
+    weights_sha256,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +58,10 @@ class _Tracked:
 
 class Discovery:
     def __init__(self, watch_dir: Path, config: WatchConfig, ledger: Ledger, scheduler: Scheduler, run: str,
-                 cache_root: Path):
+                 cache_root: Path, previous_runs: list[str] | None = None):
         self.watch_dir = watch_dir
+        self.previous_runs = list(previous_runs or [])
+        self.new_training: NewTrainingRun | None = None
         self.config = config
         self.layout = Layout(config)
         self.ledger = ledger
@@ -91,13 +114,21 @@ class Discovery:
             candidates.setdefault(step, t.path)
         ready = []
         for step, path in sorted(candidates.items()):
+            if self.new_training is not None:
+                break  # the daemon switches runs before anything else is looked at
             if self._consider(step, path, forced=step in {self.layout.step_of(h) for h in hints}):
                 ready.append(step)
         return ready
 
+    def _unchanged(self, row: CkptRow, path: Path) -> bool:
+        """A snapshotted step whose trainer file is as it was (or gone: rotation) needs no look."""
+        weights = adapter_weights(path) if path.is_dir() else None
+        return weights is None or row.weights_stat is None or stat_key(weights) == row.weights_stat
+
     def _consider(self, step: int, path: Path, forced: bool) -> bool:
         row = self.ledger.checkpoint(self.run, step)
-        if row is not None and row.state in (CkptState.READY, CkptState.VANISHED):
+        if row is not None and (row.state is CkptState.VANISHED or (
+                row.state in (CkptState.READY, CkptState.STALE) and self._unchanged(row, path))):
             self._tracked.pop(step, None)
             return False
         if not path.is_dir():
@@ -126,6 +157,8 @@ class Discovery:
             return False
         if check.state is Readiness.INVALID:
             return self._invalid(step, path, tracked, check.reason)
+        if row is not None and row.state is CkptState.READY:
+            return self._recheck(step, path, row)
         try:
             snap = take_snapshot(path, self.watch_dir, snapshot_dir(self.cache_root, self.run, step))
         except CheckpointVanished as exc:
@@ -133,9 +166,9 @@ class Discovery:
             self.ledger.set_checkpoint(self.run, step, CkptState.VANISHED, path=str(path), error=str(exc))
             log.warning("step %d: %s", step, exc)
             return False
+        except CheckpointRefused as exc:
+            return self._invalid(step, path, tracked, str(exc), final=True)
         except CheckpointError as exc:
-            if str(exc).startswith("refused"):
-                return self._invalid(step, path, tracked, str(exc), final=True)
             tracked.since, tracked.waiting = now, True  # changed under us: settle again
             log.info("step %d: %s; will look again", step, exc)
             return False
@@ -145,12 +178,39 @@ class Discovery:
             log.error("step %d: cannot snapshot %s: %s; will try again", step, path, exc)
             return False
         self._tracked.pop(step, None)
-        self.ledger.set_checkpoint(self.run, step, CkptState.READY, path=str(path), snapshot=str(snap),
-                                   is_final=check.is_final)
-        queued = self.scheduler.plan(step, check.is_final)
+        epoch = self.layout.epoch_of(path.name)
+        earlier = self.ledger.find_by_sha(self.previous_runs, step, snap.sha256)
+        if earlier is not None:
+            self.ledger.set_checkpoint(self.run, step, CkptState.STALE, path=str(path), snapshot=str(snap.path),
+                                       sha256=snap.sha256, weights_stat=snap.weights_stat, epoch=epoch,
+                                       error=f"same weights as run '{earlier.run}' step {step}: left over from "
+                                             "that training, not evaluated again")
+            log.info("step %d: %s still holds run '%s''s weights; not part of this training", step, path,
+                     earlier.run)
+            return False
+        self.ledger.set_checkpoint(self.run, step, CkptState.READY, path=str(path), snapshot=str(snap.path),
+                                   is_final=check.is_final, sha256=snap.sha256, weights_stat=snap.weights_stat,
+                                   epoch=epoch)
+        queued = self.scheduler.plan(step, check.is_final, max_steps=check.max_steps)
         log.info("checkpoint step %d complete%s; %d suite(s) due", step, " (final)" if check.is_final else "",
                  queued)
         return True
+
+    def _recheck(self, step: int, path: Path, row: CkptRow) -> bool:
+        """A snapshotted step's weights file changed: same bytes (touched, copied) or a new training."""
+        self._tracked.pop(step, None)
+        try:
+            sha = weights_sha256(path, self.watch_dir)
+        except (OSError, CheckpointError) as exc:
+            log.info("step %d: cannot re-read %s (%s); will look again", step, path, exc)
+            return False
+        weights = adapter_weights(path)
+        if sha is None or row.sha256 is None or sha == row.sha256:
+            self.ledger.set_checkpoint(self.run, step, CkptState.READY,
+                                       weights_stat=stat_key(weights) if weights else None, sha256=sha)
+            return False
+        self.new_training = NewTrainingRun(step, row.sha256, sha, str(path))
+        return False
 
     def _invalid(self, step: int, path: Path, tracked: _Tracked, reason: str, final: bool = False) -> bool:
         row = self.ledger.checkpoint(self.run, step)

@@ -3,7 +3,9 @@
 Each folder must already be complete (same checks as the daemon, without the settle
 wait). Every configured suite is due for an explicitly named checkpoint, whatever its
 `every`; results land in the same ledger and sinks as the daemon's, so a later
-`ckpt-watch run` does not redo them.
+`ckpt-watch run` does not redo them. Beside a live daemon on the same results dir and run
+this process is a guest: it claims each evaluation atomically, so neither evaluates a row
+the other took (see ckpt_watch/locking.py).
 """
 
 from __future__ import annotations
@@ -12,15 +14,13 @@ import json
 import logging
 from pathlib import Path
 
+from ckpt_watch.app import App
 from ckpt_watch.checkpoints import TRAINER_STATE, Layout, Readiness, check_checkpoint
-from ckpt_watch.config import Config
+from ckpt_watch.config import Config, default_run_name
 from ckpt_watch.core import BASE_STEP, Checkpoint, CheckpointError, CheckpointKind
-from ckpt_watch.daemon import Paths, build_sinks, judge_for, run_params
-from ckpt_watch.engines.factory import make_engine
-from ckpt_watch.evaluate import Evaluator
-from ckpt_watch.ledger import CkptState, EvalState, Ledger
-from ckpt_watch.scheduler import Scheduler
-from ckpt_watch.snapshot import snapshot_dir, take_snapshot
+from ckpt_watch.ledger import CkptState, EvalState
+from ckpt_watch.locking import ONESHOT
+from ckpt_watch.snapshot import snapshot_dir, take_snapshot, weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -35,62 +35,71 @@ def step_of(path: Path, layout: Layout) -> int:
     raise CheckpointError(f"{path}: cannot tell the step (folder name does not match the layout, no {TRAINER_STATE})")
 
 
-def prepare(paths: list[Path], config: Config, ledger: Ledger, run: str, cache: Path) -> list[Checkpoint]:
+def _checked(raw: Path, layout: Layout) -> tuple[Path, int, bool]:
+    path = raw.resolve()
+    if not path.is_dir():
+        raise CheckpointError(f"{raw}: not a directory")
+    step = step_of(path, layout)
+    check = check_checkpoint(path, step, layout, path.parent)
+    if check.state is not Readiness.READY:
+        raise CheckpointError(f"{raw}: not a complete checkpoint: {check.reason}")
+    return path, step, check.is_final
+
+
+def prepare(paths: list[Path], config: Config, app: App) -> list[Checkpoint]:
+    """Check and snapshot every folder; a known step with other weights starts a new training run."""
     layout = Layout(config.watch)
+    checked = [_checked(raw, layout) for raw in paths]
+    ledger = app.ledger
+    for path, step, _final in checked:
+        row = ledger.checkpoint(app.run, step)
+        sha = weights_sha256(path, path.parent)
+        if row is not None and row.sha256 and sha and row.sha256 != sha:
+            why = (f"{path} holds other weights than the step-{step} checkpoint evaluated before "
+                   f"(sha256 {row.sha256[:12]} → {sha[:12]})")
+            if app.guest:  # only the run's lock holder starts a new training run
+                raise CheckpointError(f"{why}: a new training run; the daemon evaluating run '{app.base_run}' "
+                                      "starts it — evaluate again once it has")
+            app.switch_run(why)
+            break
     out = []
-    for raw in paths:
-        path = raw.resolve()
-        if not path.is_dir():
-            raise CheckpointError(f"{raw}: not a directory")
-        step = step_of(path, layout)
-        check = check_checkpoint(path, step, layout, path.parent)
-        if check.state is not Readiness.READY:
-            raise CheckpointError(f"{raw}: not a complete checkpoint: {check.reason}")
-        snap = take_snapshot(path, path.parent, snapshot_dir(cache, run, step))
-        ledger.set_checkpoint(run, step, CkptState.READY, path=str(path), snapshot=str(snap), is_final=check.is_final)
-        out.append(Checkpoint(run, step, path, snap, CheckpointKind.ADAPTER, check.is_final))
+    for path, step, final in checked:
+        snap = take_snapshot(path, path.parent, snapshot_dir(app.paths.cache, app.run, step))
+        epoch = layout.epoch_of(path.name)
+        ledger.set_checkpoint(app.run, step, CkptState.READY, path=str(path), snapshot=str(snap.path),
+                              is_final=final, sha256=snap.sha256, weights_stat=snap.weights_stat, epoch=epoch)
+        out.append(Checkpoint(app.run, step, path, snap.path, CheckpointKind.ADAPTER, final, epoch=epoch))
     return out
 
 
-async def evaluate_paths(config: Config, paths: list[Path], *, base: bool, force: bool) -> int:
-    """Returns the number of (step, suite) evaluations that failed."""
-    run = config.run_name or (paths[0].resolve().parent.name if paths else "base")
-    dirs = Paths.of(config)
-    ledger = Ledger(dirs.ledger)
-    ledger.recover()
-    scheduler = Scheduler(ledger, run, config.suites, config.scheduler)
-    targets = prepare(paths, config, ledger, run, dirs.cache)
-    if base:
-        targets.insert(0, Checkpoint(run, BASE_STEP, None, None, CheckpointKind.BASE))
+def _queue(app: App, targets: list[Checkpoint], force: bool) -> None:
+    ledger = app.ledger
     for ckpt in targets:
-        for s in scheduler.suites.values():
-            if not ledger.add_eval(run, ckpt.step, s.name, s.hash, EvalState.PENDING):
-                row = ledger.eval_row(run, ckpt.step, s.name, s.hash)
-                if row is not None and (force or row.state is EvalState.SKIPPED):
-                    ledger.set_eval(run, ckpt.step, s.name, s.hash, EvalState.PENDING)
-    sinks = build_sinks(config, dirs)
-    for sink in sinks:
-        sink.start(run, run_params(config))
-    engine = make_engine(config, dirs.results)
-    judge = None
+        for s in app.scheduler.suites.values():
+            if not ledger.add_eval(app.run, ckpt.step, s.name, s.hash, EvalState.PENDING):
+                row = ledger.eval_row(app.run, ckpt.step, s.name, s.hash)
+                if row is not None and (row.state is EvalState.SKIPPED or force):
+                    ledger.requeue(app.run, ckpt.step, s.name, s.hash)  # never a row another process runs
+
+
+async def evaluate_paths(config: Config, paths: list[Path], *, base: bool, force: bool) -> int:
+    """Returns the number of (step, suite) evaluations that failed in this call."""
+    base_run = config.run_name or (default_run_name(paths[0].resolve().parent) if paths else "base")
+    app = App(config, mode=ONESHOT, base_run=base_run)
+    await app.open()
     try:
-        await engine.start()
-        judge = judge_for(config, dirs)
-        evaluator = Evaluator(engine, sinks, ledger, run, dirs.results, config.daemon.max_suite_attempts,
-                              judge=judge, cache_dir=dirs.cache)
+        targets = prepare(paths, config, app)
+        if base:
+            targets.insert(0, Checkpoint(app.run, BASE_STEP, None, None, CheckpointKind.BASE))
+        _queue(app, targets, force)
         for ckpt in targets:
-            due = scheduler.pending().get(ckpt.step, [])
+            due = app.scheduler.pending().get(ckpt.step, [])
             if not due:
-                log.info("%s: already evaluated (use --force to redo)", ckpt.label)
+                log.info("%s: already evaluated or being evaluated by another process (use --force to redo)",
+                         ckpt.label)
                 continue
+            evaluator = await app.start_engine()
             await evaluator.evaluate(ckpt, due, lambda: False)
     finally:
-        if judge is not None:
-            await judge.aclose()
-        await engine.close()
-        for sink in sinks:
-            sink.close()
-    steps = {c.step for c in targets}
-    failed = [r for r in ledger.evals(run, EvalState.FAILED) if r.step in steps]
-    ledger.close()
-    return len(failed)
+        await app.close()
+    return app.failed

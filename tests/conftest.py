@@ -84,6 +84,11 @@ def make_adapter(base_path: Path, out: Path, *, r: int = 8, seed: int = 0, scale
 # ==== BEGIN vLLM server fixtures (issue 3, vLLM engine) — edit only inside this block ====
 
 VLLM_PYTHON = Path(os.environ.get("CKPT_WATCH_VLLM_PYTHON") or REPO / ".venv-vllm" / "bin" / "python")
+# The shared server applies LoRA to every decoder linear layer but this one, as a server started by
+# someone else might: an adapter that trains only down_proj loads fine and is silently ignored (the
+# canary's real fault, tests/test_canary.py). down_proj because vLLM packs q/k/v and gate/up into one
+# layer that takes LoRA when any member is listed; every other vLLM test trains q_proj/v_proj only.
+VLLM_UNSERVED_LORA_MODULE = "down_proj"
 
 
 def vllm_test_config(base_model: Path | str, results_dir: Path, **engine: object):
@@ -140,6 +145,8 @@ def vllm_server(smollm2_path, tmp_path_factory):
     results = tmp_path_factory.mktemp("vllm-server")
     config = vllm_test_config(smollm2_path, results)
     server = ManagedServer.from_config(config, str(smollm2_path), results / "vllm-server.log")
+    assert server.target_modules and VLLM_UNSERVED_LORA_MODULE in server.target_modules
+    server.target_modules = [m for m in server.target_modules if m != VLLM_UNSERVED_LORA_MODULE]
     try:
         server.start()
         yield VLLMServerHandle(server, config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -34,10 +35,15 @@ def test_real_trainer_checkpoints_are_ready(tiny_run):
 
 
 def test_layouts_and_ignored_folders(tmp_path):
-    for name in ("checkpoint-10", ".checkpoint-20", "tmp-checkpoint-30", "checkpoint-x", "epoch_3", "ckpt_step_7"):
+    for name in ("checkpoint-10", ".checkpoint-20", "tmp-checkpoint-30", "checkpoint-x", "epoch_3", "ckpt_step_7",
+                 "epoch_0", "ckpt_step_0", "checkpoint-0"):
         (tmp_path / name).mkdir()
-    assert sorted(scan(tmp_path, HF)) == [10]
-    assert sorted(scan(tmp_path, Layout(WatchConfig(layout="torchtune")))) == [3]
+    assert sorted(scan(tmp_path, HF)) == [10]  # checkpoint-0 would be the base model's step: not a checkpoint
+    # torchtune counts epochs from 0: epoch_0 is the first adapter, never the base model (step 0)
+    assert sorted(scan(tmp_path, Layout(WatchConfig(layout="torchtune")))) == [1, 4]
+    per_epoch = Layout(WatchConfig(layout="torchtune", steps_per_epoch=50))
+    assert sorted(scan(tmp_path, per_epoch)) == [50, 200]
+    assert per_epoch.epoch_of("epoch_3") == 3 and HF.epoch_of("checkpoint-10") is None
     glob = Layout(WatchConfig(layout="glob", pattern="ckpt_*", step_regex=r"step_(\d+)"))
     assert sorted(scan(tmp_path, glob)) == [7]
     assert child_of(tmp_path, str(tmp_path / "checkpoint-10" / "x.json")) == "checkpoint-10"
@@ -88,17 +94,51 @@ def test_symlink_outside_watch_dir_is_refused(tiny_run, tmp_path):
 def test_snapshot_survives_rotation_and_is_verified(tiny_run, tmp_path):
     (tmp_path / "w").mkdir()
     ck = _copy_ckpt(tiny_run, tmp_path / "w")
-    snap = take_snapshot(ck, ck.parent, tmp_path / "snap" / "step-4")
+    taken = take_snapshot(ck, ck.parent, tmp_path / "snap" / "step-4")
+    snap = taken.path
     original = (ck / "adapter_model.safetensors").read_bytes()
+    assert taken.sha256 == hashlib.sha256(original).hexdigest()  # the adapter's fingerprint
     shutil.rmtree(ck)  # save_total_limit rotation
     assert (snap / "adapter_model.safetensors").read_bytes() == original
     assert json.loads((snap / "adapter_config.json").read_text())["peft_type"] == "LORA"
     manifest = json.loads((snap / "snapshot.json").read_text())
     assert set(manifest["files"]) == {"adapter_config.json", "adapter_model.safetensors"}
     # a second call reuses the verified snapshot even though the source is gone
-    assert take_snapshot(ck, ck.parent, snap) == snap
+    assert take_snapshot(ck, ck.parent, snap).path == snap
     with pytest.raises(CheckpointVanished):
         take_snapshot(ck, ck.parent, tmp_path / "snap" / "other")
+
+
+def test_snapshot_of_retrained_folder_is_taken_afresh(tiny_run, tmp_path):
+    """Retraining into the same folder: an existing snapshot of checkpoint-4 is reused only while
+    the trainer's weights file is the one it was copied from."""
+    (tmp_path / "w").mkdir()
+    ck = _copy_ckpt(tiny_run, tmp_path / "w")
+    first = take_snapshot(ck, ck.parent, tmp_path / "snap" / "step-4")
+    assert take_snapshot(ck, ck.parent, first.path) == first  # unchanged source: reused
+    # new training run: other weights at the same step (checkpoint-6's adapter written over -4's)
+    shutil.copyfile(tiny_run / "checkpoint-6" / "adapter_model.safetensors", ck / "adapter_model.safetensors")
+    second = take_snapshot(ck, ck.parent, first.path)
+    assert second.sha256 != first.sha256
+    assert second.sha256 == hashlib.sha256((ck / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert (second.path / "adapter_model.safetensors").read_bytes() == (ck / "adapter_model.safetensors").read_bytes()
+
+
+def test_opened_file_is_checked_not_just_the_path(tiny_run, tmp_path):
+    """The confinement check looks at the file actually opened (/proc/self/fd), so a symlink
+    swapped in after `confined()` said yes is still refused."""
+    from ckpt_watch.snapshot import CheckpointRefused, _open_confined
+
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"not an adapter")
+    (watch / "adapter_model.safetensors").symlink_to(secret)
+    with pytest.raises(CheckpointRefused, match="outside the watched directory"):
+        _open_confined(watch / "adapter_model.safetensors", watch)
+    inside = watch / "real.bin"
+    inside.write_bytes(b"ok")
+    os.close(_open_confined(inside, watch))
 
 
 def test_mount_detection_picks_polling_on_network_fs(tmp_path):

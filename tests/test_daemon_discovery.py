@@ -29,6 +29,7 @@ def write_config(tmp: Path, base: Path, watch: Path, *, polling: bool = False, e
     cfg.write_text(f"""
 base_model: {base}
 results_dir: {tmp / "results"}
+run_name: run1
 watch:
   dir: {watch}
   settle_seconds: 0.5

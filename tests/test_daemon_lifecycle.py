@@ -106,8 +106,11 @@ def test_sigterm_mid_suite_drains_then_restart_finishes(tmp_path, tiny_run, tiny
     states = _ledger_states(results)
     assert states["running"] == 0 and states["pending"] >= 1
     msgs = listener.close()
-    assert msgs[0].startswith("READY=1")
-    assert any(m.startswith("STATUS=evaluating") for m in msgs)
+    ready = next(i for i, m in enumerate(msgs) if m.startswith("READY=1"))
+    # READY only once the engine answers: the start-up extension came first, no evaluation before it
+    assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in msgs[:ready]), msgs[: ready + 1]
+    assert not any(m.startswith("STATUS=evaluating") for m in msgs[:ready])
+    assert any(m.startswith("STATUS=evaluating") for m in msgs[ready:])
     assert "WATCHDOG=1" in msgs
     assert msgs[-1].startswith("STOPPING=1")
 

@@ -15,35 +15,46 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from ckpt_watch.core import ResultStatus, SuiteResult, utcnow
 from ckpt_watch.engines.base import ScoreRequest, apply_chat_template
-from ckpt_watch.suites.base import SuiteConfigBase, SuiteContext, register_suite
+from ckpt_watch.suites.base import SuiteContext, register_suite
+from ckpt_watch.suites.personas import PersonaSuiteConfig, Selection, source_vs_others
 
 HF_DATASET = ("allenai/ai2_arc", "ARC-Challenge", "test")
 LETTER_SUFFIX = "The correct answer is ("
 
 
-class ArcConfig(SuiteConfigBase):
+class ArcConfig(PersonaSuiteConfig):
+    hashed_files: ClassVar[tuple[str, ...]] = ("path",)
     type: Literal["arc_challenge"] = "arc_challenge"
     scoring: Literal["loglik", "letter"] = "loglik"
     n: int | None = Field(default=200, ge=1, description="Questions per evaluation; null = all 1,172.")
     seed: int = 0
     path: Path | None = Field(default=None, description="Local jsonl/parquet in the HF row format.")
-    personas: dict[str, str] = Field(
-        default_factory=dict, description="letter scoring: name → system prompt; one accuracy each."
+    personas: Selection = Field(
+        default="none",
+        description="letter scoring: all | [names] of the top-level personas, or a mapping name → system "
+                    "prompt; one accuracy each (acc/<persona>, acc/source, acc/other_mean, acc/other_min).",
     )
 
     @model_validator(mode="after")
     def _check(self) -> ArcConfig:
         if self.path is not None and not self.path.is_file():
             raise ValueError(f"path: data file {self.path} does not exist")
-        if self.personas and self.scoring != "letter":
-            raise ValueError("personas need scoring 'letter' (loglik prompts have no system turn)")
         return self
+
+    def check_personas(self, prompts: dict[str, str]) -> None:
+        if prompts and self.scoring != "letter":
+            raise ValueError("personas need scoring 'letter' (loglik prompts have no system turn)")
+
+    def persona_hash_fields(self) -> dict[str, Any]:
+        # the payload shape from before top-level personas (`personas: {}` always), so old hashes hold
+        source = self.source_persona()
+        return {"personas": self.persona_prompts(), **({"source": source} if source else {})}
 
 
 @dataclass(frozen=True)
@@ -231,9 +242,8 @@ class ArcSuite:
 
     async def _run_letter(self, ctx: SuiteContext, rows: list[ArcRow]) -> tuple[dict, list]:
         tok = ctx.engine.tokenizer
-        personas: dict[str | None, str | None] = (
-            {p: s for p, s in self.config.personas.items()} if self.config.personas else {None: None}
-        )
+        own = self.config.persona_prompts()
+        personas: dict[str | None, str | None] = dict(own.items()) if own else {None: None}
         reqs, spans, keys = [], [], []
         for persona, system in personas.items():
             for row in rows:
@@ -263,9 +273,11 @@ class ArcSuite:
         for persona, correct in per_persona.items():
             prefix = "acc" if persona is None else f"acc/{persona}"
             metrics.update(accuracy_metrics(prefix, correct))
-        if self.config.personas:
+        if own:
             all_correct = [c for v in per_persona.values() for c in v]
             metrics.update(accuracy_metrics("acc", all_correct))
+            accs = {str(p): metrics[f"acc/{p}"] for p in per_persona}
+            metrics.update(source_vs_others("acc", accs, self.config.source_persona(), worst="min"))
         metrics["n"] = float(len(rows))
         return metrics, samples
 

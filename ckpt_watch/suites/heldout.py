@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -29,6 +29,7 @@ BUILTIN_TEXTS = [
 
 
 class HeldoutConfig(SuiteConfigBase):
+    hashed_files: ClassVar[tuple[str, ...]] = ("path",)
     type: Literal["heldout_loss"] = "heldout_loss"
     path: Path | None = Field(default=None, description="Text file (paragraphs) or jsonl with 'text'.")
     max_texts: int | None = Field(default=None, ge=1)

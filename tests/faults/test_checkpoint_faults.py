@@ -125,6 +125,9 @@ def test_rotation_mid_eval(tmp_path, tiny_run, tiny_base, reference, fault_recor
     results = tmp_path / "results"
     populate(tiny_run, watch, (2, 4, 6))
     cfg = write_config(tmp_path, tiny_base, watch, order="oldest")
+    # keep the newest snapshot only: the others are dropped once their step is finished
+    text = cfg.read_text().replace("daemon: {drain_seconds: 5}", "daemon: {drain_seconds: 5, keep_snapshots: 1}")
+    cfg.write_text(text)
     with DaemonProc(cfg) as daemon:
         daemon.wait_line(r"step-4: running slow", 180)
         time.sleep(0.3)  # well inside the ~2.5 s suite
@@ -148,8 +151,9 @@ def test_rotation_mid_eval(tmp_path, tiny_run, tiny_base, reference, fault_recor
     assert json_duplicates(results, RUN) == 0
     assert not (watch / "checkpoint-4").exists() and not (watch / "checkpoint-6").exists()
     assert {s: st for s, (st, _) in checkpoint_states(results).items()} == {2: "ready", 4: "ready", 6: "ready"}
-    # snapshots are dropped once their step is finished
-    assert not list((results / ".cache" / "snapshots" / RUN).glob("step-*"))
+    # with keep_snapshots: 1, only the newest finished step's snapshot is kept (default: all)
+    kept = sorted(p.name for p in (results / ".cache" / "snapshots" / RUN).glob("step-*"))
+    assert kept == ["step-6"], kept
 
 
 def _garbage_weights(ck: Path) -> None:
