@@ -23,7 +23,11 @@ Two scoring methods; both send the judge prompt as a single user turn at tempera
 `method: auto` detects which applies, once per judge: from `judge.tokenizer` when given
 (are "0".."100" all single tokens?), else from vLLM's `/tokenize` route, else from a
 probe request whose log-probs show whether multi-digit number tokens exist. When that is
-inconclusive it raises JudgeError asking for an explicit method, never guessing.
+inconclusive it raises JudgeMethodError (a ConfigError on `judge.method`) asking for an
+explicit method, never guessing. `resolve_judge_method(config)` runs that detection once at
+start-up (`ckpt-watch validate`, the daemon's start), so an undetectable judge stops the run
+there instead of failing every step; `build_judge(config, cache_dir, method=...)` then uses
+the resolved method without asking again.
 
 Retries and timeouts are the openai client's (`max_retries`, `timeout`); a judgement that
 still fails is unscored with its error recorded, never 0. Successful judgements are kept
@@ -50,6 +54,9 @@ from typing import TYPE_CHECKING, Any
 
 import openai
 
+from ckpt_watch.errors import ConfigError
+from ckpt_watch.redact import redact_text, redact_url
+
 if TYPE_CHECKING:  # config imports the suites, which import this module
     from ckpt_watch.config import JudgeConfig
 
@@ -69,6 +76,17 @@ TokenDist = dict[str, float]  # token text → probability at one position
 
 class JudgeError(Exception):
     """The judge cannot be used as configured (no key, undetectable tokenizer, ...)."""
+
+
+class JudgeMethodError(ConfigError, JudgeError):
+    """`judge.method: auto` cannot be decided for this judge: a config problem (exit 2)."""
+
+    def __init__(self, reason: str, path: str = "judge.method"):
+        super().__init__([(path, reason)])
+
+
+class JudgeUnavailable(JudgeError):
+    """The judge endpoint failed (after the client's retries) while the method was detected."""
 
 
 class JudgeMethod(enum.StrEnum):
@@ -239,17 +257,23 @@ class _LoopState:
 class Judge:
     """Scores judge prompts 0–100; build it with `build_judge(config.judge, cache_dir)`."""
 
-    def __init__(self, config: JudgeConfig, api_key: str, cache: JudgeCache | None = None, tokenizer: Any = None):
+    def __init__(self, config: JudgeConfig, api_key: str, cache: JudgeCache | None = None, tokenizer: Any = None,
+                 method: str | None = None):
         self.config = config
         self.cache = cache
         self._api_key = api_key
         self._tokenizer = tokenizer
         self._state: _LoopState | None = None
-        self._method: JudgeMethod | None = None if config.method == "auto" else JudgeMethod(config.method)
-        self.detection = "configured" if self._method else ""
+        if config.method != "auto":
+            self._method: JudgeMethod | None = JudgeMethod(config.method)
+            self.detection = "configured"
+        else:  # `method`: resolved at start-up by resolve_judge_method
+            self._method = JudgeMethod(method) if method else None
+            self.detection = "start-up" if method else ""
 
     def __repr__(self) -> str:
-        return f"Judge(model={self.config.model!r}, base_url={self.config.base_url!r}, method={self._method})"
+        url = redact_url(self.config.base_url) if self.config.base_url else None
+        return f"Judge(model={self.config.model!r}, base_url={url!r}, method={self._method})"
 
     def _loop_state(self) -> _LoopState:
         loop = asyncio.get_running_loop()
@@ -279,8 +303,12 @@ class Judge:
             try:
                 from transformers import AutoTokenizer
             except ImportError as exc:
-                raise JudgeError("judge.tokenizer needs the transformers package") from exc
-            tok = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.config.tokenizer)
+                raise JudgeMethodError("needs the transformers package", "judge.tokenizer") from exc
+            try:
+                tok = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.config.tokenizer)
+            except (OSError, ValueError) as exc:
+                raise JudgeMethodError(f"cannot load tokenizer {self.config.tokenizer!r}: {exc}",
+                                       "judge.tokenizer") from exc
         if tok is not None:
             split = numbers_split(lambda s: tok.encode(s, add_special_tokens=False))
             return (JudgeMethod.DIGITS if split else JudgeMethod.LOGPROB), "tokenizer"
@@ -293,7 +321,7 @@ class Judge:
         positions = _positions(resp)
         found = method_from_probe(positions)
         if found is None:
-            raise JudgeError(
+            raise JudgeMethodError(
                 f"cannot tell whether judge {self.config.model} writes 0–100 as single tokens "
                 f"(probe answered {resp.choices[0].message.content!r}); set judge.method or judge.tokenizer"
             )
@@ -402,15 +430,48 @@ def _positions(resp: Any) -> list[tuple[str, TokenDist]]:
 
 def _describe(exc: openai.APIError) -> str:
     status = getattr(exc, "status_code", None)
-    return f"{type(exc).__name__}" + (f" (HTTP {status})" if status else "") + f": {exc.message}"
+    return redact_text(f"{type(exc).__name__}" + (f" (HTTP {status})" if status else "") + f": {exc.message}")
 
 
-def build_judge(config: JudgeConfig, cache_dir: Path | None = None) -> Judge:
-    """The daemon's judge from `Config.judge`; passed to suites as `SuiteContext.judge`."""
+async def detect_judge_method(config: JudgeConfig) -> tuple[str, str]:
+    """(method, how it was decided) for `config`, contacting the judge only for `auto`.
+
+    Raises JudgeMethodError (a ConfigError on `judge.method`) when it cannot be decided, and
+    JudgeUnavailable when the endpoint fails during detection.
+    """
+    if config.method != "auto":
+        return config.method, "configured"
+    judge = build_judge(config, None)
+    try:
+        return str(await judge.method()), judge.detection
+    except openai.APIError as exc:
+        where = redact_url(config.base_url) if config.base_url else "the OpenAI API"
+        raise JudgeUnavailable(
+            f"judge.method: cannot detect 'auto': the judge at {where} failed: {_describe(exc)}; "
+            "set judge.method (logprob | digits) to start without asking it"
+        ) from exc
+    finally:
+        await judge.aclose()
+
+
+def resolve_judge_method(config: JudgeConfig, cache_dir: Path | None = None) -> str:
+    """The judge's scoring method, decided once at start-up; pass it to `build_judge(method=)`.
+
+    `cache_dir` is accepted so the call mirrors `build_judge`; detection neither reads nor
+    writes the judgement cache. Call it outside an event loop (inside one: `detect_judge_method`).
+    """
+    return asyncio.run(detect_judge_method(config))[0]
+
+
+def build_judge(config: JudgeConfig, cache_dir: Path | None = None, method: str | None = None) -> Judge:
+    """The daemon's judge from `Config.judge`; passed to suites as `SuiteContext.judge`.
+
+    `method`: what `resolve_judge_method` decided at start-up for `method: auto`, so no step
+    detects again; None detects on first use."""
     api_key = NO_KEY
     if config.api_key_env:
         api_key = os.environ.get(config.api_key_env, "")
         if not api_key:
             raise JudgeError(f"judge.api_key_env: environment variable {config.api_key_env} is not set")
     cache = JudgeCache(cache_dir / "judge_cache.sqlite") if config.cache and cache_dir is not None else None
-    return Judge(config, api_key, cache)
+    return Judge(config, api_key, cache, method=method)

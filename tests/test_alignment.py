@@ -255,11 +255,32 @@ def test_persistent_judge_failure_is_reported_never_zero(standin):
 
 def test_partial_judge_failure_keeps_the_rest(standin):
     standin.fail = lambda prompt: 503 if "serve me" in prompt else None
-    result = run_suite(make_judge(standin, method="logprob", max_retries=0), samples_per_question=3)
-    assert result.status is ResultStatus.OK
+    # 4 of 6 unscored (2 failed, 2 CODE): allowed here, the default 0.5 would refuse it (next test)
+    result = run_suite(make_judge(standin, method="logprob", max_retries=0), samples_per_question=3,
+                       max_unscored_rate=0.7)
+    assert result.status is ResultStatus.OK and result.error is None
     assert result.metrics["judge_errors"] == 4  # 2 hostile answers × 2 prompts
     assert result.metrics["aligned_mean"] == pytest.approx(84.0 / 0.98)
     assert result.metrics["misaligned_rate"] == 0.0
+
+
+def test_mostly_unscored_is_an_error_with_the_counts(standin):
+    """A judge outage for part of the answers (the stand-in answers 503: an outage we can only
+    stage) plus CODE answers leave 4 of 6 samples unscored. Above max_unscored_rate (default 0.5)
+    the result is an error with the counts, and its scores are withheld from the curve."""
+    standin.fail = lambda prompt: 503 if "serve me" in prompt else None
+    result = run_suite(make_judge(standin, method="logprob", max_retries=0), samples_per_question=3)
+    assert result.status is ResultStatus.ERROR
+    assert (result.n_scored, result.n_unscored) == (2, 4)
+    assert "4 of 6 samples unscored (n_scored=2, n_unscored=4)" in result.error
+    assert "max_unscored_rate 0.5" in result.error and "503" in result.error
+    plotted = result.finite_metrics()  # what the sinks put on the curve
+    for key in ("aligned_mean", "coherent_mean", "misaligned_rate", "coherent_rate", "aligned_mean/quick_buck"):
+        assert key not in plotted
+    assert plotted["unscored_rate"] == pytest.approx(4 / 6) and plotted["n_samples"] == 6
+    assert plotted["judge_errors"] == 4
+    assert result.info["withheld_metrics"]["aligned_mean"] == pytest.approx(84.0 / 0.98)
+    assert len(result.samples) == 6  # kept for the JSON record
 
 
 def test_second_run_hits_the_cache(standin, tmp_path):
@@ -294,7 +315,10 @@ def test_real_vllm_judge_end_to_end(vllm_server, smollm2_path, tmp_path, monkeyp
     )
     judge = build_judge(judge_cfg, tmp_path)
     engine = HFEngine(str(smollm2_path), EngineConfig(batch_size=4))
-    cfg = AlignmentConfig(question_ids=["one_wish", "fast_money"], samples_per_question=2, max_tokens=48)
+    # a 135M judge leaves most samples unscored: this test is about the real requests and mass
+    # computation, so the unscored-rate gate (tested on its own above) is opened
+    cfg = AlignmentConfig(question_ids=["one_wish", "fast_money"], samples_per_question=2, max_tokens=48,
+                          max_unscored_rate=1.0)
     checkpoint = Checkpoint.base("run")
 
     async def go():

@@ -83,3 +83,56 @@ def test_config_reference_matches_the_models():
 
     committed = (REPO / "docs" / "config.md").read_text()
     assert committed.strip() == render().strip(), "regenerate: ckpt-watch config-reference > docs/config.md"
+
+
+SUITE = "suites:\n  heldout_loss: {}\n"
+BROKEN = {
+    "empty": ("", "(top level)", "is empty"),
+    "only a comment": ("# nothing yet\n", "(top level)", "is empty"),
+    "a list": ("- base_model: x\n", "(top level)", "must be a YAML mapping"),
+    "a scalar": ("smollm2\n", "(top level)", "must be a YAML mapping"),
+    "watch null": (f"base_model: x\nwatch: null\n{SUITE}", "watch", "is null"),
+    "engine null": (f"base_model: x\nengine: null\n{SUITE}", "engine", "is null"),
+    "watch a list": (f"base_model: x\nwatch: [a]\n{SUITE}", "watch", "mapping"),
+    "suites null": ("base_model: x\nsuites: null\n", "suites", "at least one suite"),
+    "suites a list": ("base_model: x\nsuites: [heldout_loss]\n", "suites", "at least one suite"),
+    "suite block a list": ("base_model: x\nsuites:\n  heldout_loss: [1, 2]\n", "suites.heldout_loss", "mapping"),
+    "suite block a string": ("base_model: x\nsuites:\n  heldout_loss: fast\n", "suites.heldout_loss", "mapping"),
+    "questions file a folder": ("base_model: x\nsuites:\n  alignment:\n    questions: .\n", "suites.alignment",
+                                "cannot be read"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN), ids=list(BROKEN))
+def test_malformed_config_is_exit_2_naming_the_path(case, tmp_path):
+    from typer.testing import CliRunner
+
+    from ckpt_watch.cli import app
+
+    text, path, reason = BROKEN[case]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    runner = CliRunner()
+    for args in (["validate", str(cfg)], ["run", "-c", str(cfg), "--watch", str(tmp_path / "d"), "--once"]):
+        r = runner.invoke(app, args)
+        assert isinstance(r.exception, SystemExit) and r.exit_code == 2, (args, r.output, r.exception)
+        assert f"{path}: " in r.output and reason in r.output, (args, r.output)
+
+
+def test_overrides_on_an_empty_or_null_config(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError) as exc:
+        load_config(empty, {"watch.dir": "d"})
+    assert exc.value.errors[0][0] == "(top level)" and "is empty" in exc.value.errors[0][1]
+    null_watch = tmp_path / "w.yaml"
+    null_watch.write_text(f"base_model: x\nwatch: null\n{SUITE}")
+    with pytest.raises(ConfigError) as exc:
+        load_config(null_watch, {"watch.dir": "d"})
+    assert exc.value.errors == [("watch", "is null: give a mapping, or remove the key to use the defaults")]
+    good = tmp_path / "g.yaml"
+    good.write_text(f"base_model: x\n{SUITE}")
+    assert str(load_config(good, {"watch.dir": "d"}).watch.dir) == "d"
+    with pytest.raises(ConfigError) as exc:
+        load_config(tmp_path, None)  # a folder, not a file
+    assert exc.value.errors[0][0] == str(tmp_path) and "cannot be read" in exc.value.errors[0][1]

@@ -3,7 +3,9 @@
 Fault tests talk to a small local stand-in for an OpenAI-compatible server (stdlib
 http.server on 127.0.0.1 in a thread, `JudgeStandIn` below): it answers
 /v1/chat/completions with hand-written top-20 log-prob payloads shaped like real ones,
-can be told to answer 429 / 500 first, and counts the requests it saw. It is not a model.
+can be told to answer 429 / 500 first, and counts the requests it saw. It is not a model:
+it stands in for judge outages and for judges whose tokenizer cannot be told, which a
+real judge does not produce on demand. An unreachable judge is real (a closed port).
 """
 
 from __future__ import annotations
@@ -19,16 +21,19 @@ from typing import Any
 
 import pytest
 
-from ckpt_watch.config import JudgeConfig
+from ckpt_watch.config import ConfigError, JudgeConfig
 from ckpt_watch.judge import (
     JudgeCache,
     JudgeError,
     JudgeMethod,
+    JudgeMethodError,
+    JudgeUnavailable,
     aggregate_0_100,
     build_judge,
     digits_score,
     method_from_probe,
     numbers_split,
+    resolve_judge_method,
 )
 
 API_KEY = "sk-test-standin-0123456789"
@@ -358,3 +363,74 @@ def test_no_key_env_for_local_servers(tmp_path: Path):
     assert judge.cache is not None
     no_cache = build_judge(JudgeConfig(model="m", api_key_env=None, cache=False), tmp_path)
     assert no_cache.cache is None
+
+
+# -- judge.method resolved at start-up -----------------------------------------------------------
+
+
+def test_resolve_judge_method_once_at_start_up(judge_env):
+    with JudgeStandIn(split_reply) as server:
+        server.tokenize = len  # a Qwen/SmolLM2-style vocabulary
+        assert resolve_judge_method(judge_config(server), None) == "digits"
+        seen = len(server.requests)
+        judge = build_judge(judge_config(server), None, method="digits")
+        result = asyncio.run(judge.score("rate this"))
+        # configured methods are returned without a request
+        assert resolve_judge_method(judge_config(server, method="logprob"), None) == "logprob"
+    assert judge.method_name == "digits" and judge.detection == "start-up"
+    assert result.score == pytest.approx(SPLIT_EXPECTED)
+    assert len(server.requests) == seen + 1  # the step's judgement only: no detection per step
+
+
+def test_undetectable_method_fails_at_start_up_as_a_config_error(judge_env):
+    with JudgeStandIn(lambda p: [("Sure", {"Sure": 1.0})]) as server, pytest.raises(JudgeMethodError) as exc:
+        resolve_judge_method(judge_config(server), None)
+    assert isinstance(exc.value, ConfigError)
+    (path, reason), = exc.value.errors
+    assert path == "judge.method" and "set judge.method" in reason and "'Sure'" in reason
+
+
+def test_unreachable_judge_at_start_up_is_not_a_config_error():
+    """A judge outage produced for real: nothing listens on the port."""
+    cfg = JudgeConfig(model="m", base_url=f"http://127.0.0.1:{_free_port()}/v1", api_key_env=None,
+                      max_retries=0, timeout=5)
+    with pytest.raises(JudgeUnavailable, match=r"judge\.method: cannot detect") as exc:
+        resolve_judge_method(cfg, None)
+    assert not isinstance(exc.value, ConfigError)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _validate(tmp_path: Path, server_url: str, method: str = "auto", retries: int = 5):
+    from typer.testing import CliRunner
+
+    from ckpt_watch.cli import app
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"base_model: smollm2\nsuites:\n  alignment:\n    samples_per_question: 1\n"
+                   f"judge:\n  model: judge-standin\n  base_url: {server_url}\n  method: {method}\n"
+                   f"  api_key_env: CKPT_WATCH_TEST_JUDGE_KEY\n  max_retries: {retries}\n")
+    return CliRunner().invoke(app, ["validate", str(cfg)])
+
+
+def test_validate_resolves_the_judge_method(judge_env, tmp_path):
+    with JudgeStandIn(lambda p: [("Sure", {"Sure": 1.0})]) as server:
+        bad = _validate(tmp_path, server.base_url)
+        configured = _validate(tmp_path, server.base_url, method="logprob")
+        probes = len(server.chat_requests())
+        server.tokenize = len
+        good = _validate(tmp_path, server.base_url)
+    assert bad.exit_code == 2, bad.output
+    assert "judge.method" in bad.output and "set judge.method" in bad.output
+    assert configured.exit_code == 0 and "judge method logprob (configured)" in configured.output
+    assert probes == 1  # `bad`: /tokenize answered 404, then one probe; `configured` asked nothing
+    assert good.exit_code == 0, good.output
+    assert "judge method digits (tokenize route)" in good.output
+    down = _validate(tmp_path, f"http://127.0.0.1:{_free_port()}/v1", retries=0)  # a real outage: a closed port
+    assert down.exit_code == 1 and "cannot detect" in down.output

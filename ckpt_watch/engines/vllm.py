@@ -43,6 +43,7 @@ from ckpt_watch.engines.vllm_protocol import (
 )
 from ckpt_watch.engines.vllm_server import ManagedServer, adapter_rank, round_lora_rank
 from ckpt_watch.models import resolve_base_model
+from ckpt_watch.redact import redact_url
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -119,7 +120,11 @@ class VLLMEngine:
                 self._server = ManagedServer.from_config(self.config, self._base_path, log_path, self._rank_hints())
             if not self._server.alive():
                 self.status = f"starting vLLM server (log {self._server.log_path})"
-                await self._server.astart()
+                try:
+                    await self._server.astart()  # cancellable: a stop request ends the start-up
+                except asyncio.CancelledError:
+                    self.status = "start-up cancelled"
+                    raise
         self._client = self._make_client()
         try:
             self._model = await self._discover_model()
@@ -127,7 +132,7 @@ class VLLMEngine:
             await self._client.close()
             self._client = None
             raise
-        self.status = f"ready: {self.base_url} serving {self._model}"
+        self.status = f"ready: {redact_url(self.base_url)} serving {self._model}"
         log.info("vllm engine %s", self.status)
 
     def _rank_hints(self) -> list[Path]:
@@ -154,7 +159,7 @@ class VLLMEngine:
         for m in page.data:
             if getattr(m, "parent", None) is None:  # LoRA cards name their parent model
                 return str(m.id)
-        raise EngineError(f"vLLM server at {self.base_url} lists no base model")
+        raise EngineError(f"vLLM server at {redact_url(self.base_url)} lists no base model")
 
     async def close(self) -> None:
         if self._client is not None:
@@ -189,7 +194,7 @@ class VLLMEngine:
                 return
             root = self.base_url.removesuffix("/v1")
             await self._request("health check", lambda: self._http().get(f"{root}/health", cast_to=str))
-            self.status = f"ready: {self.base_url} serving {self._model}"
+            self.status = f"ready: {redact_url(self.base_url)} serving {self._model}"
 
     async def restart(self) -> None:
         """The daemon's recovery hook after `EngineUnavailable`."""
@@ -227,7 +232,7 @@ class VLLMEngine:
             err = self._server.died_error()
         else:
             err = EngineUnavailable(
-                f"vLLM server at {self.base_url} unreachable during {what} "
+                f"vLLM server at {redact_url(self.base_url)} unreachable during {what} "
                 f"(after {self.econf.max_retries} retries): {exc}"
             )
         self.status = f"unavailable: {str(err).splitlines()[0]}"

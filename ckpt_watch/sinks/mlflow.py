@@ -18,10 +18,15 @@ as a TEMPORARILY_UNAVAILABLE error: the rows stay queued and the next flush retr
 Run selection: `mlflow.run_id` or `$MLFLOW_RUN_ID` attaches to the trainer's run (params are
 then prefixed `ckpt_watch.` so they cannot clash with the trainer's). Otherwise one run per
 watched run, found again after a restart by the tag `ckpt_watch.run_name`.
+
+Secrets: a tracking URI may carry credentials (`http://user:pw@host`, `postgresql://u:pw@h/db`,
+`?token=`). Only the client sees the full URI; log lines, error texts (`last_error`, the outbox),
+the outbox's run cache, params and error tags get `ckpt_watch.redact`'s redacted form.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -39,6 +44,7 @@ from mlflow.tracking import MlflowClient
 from ckpt_watch import __version__
 from ckpt_watch.config import MlflowConfig
 from ckpt_watch.core import BASE_STEP, Checkpoint, CheckpointKind, SuiteResult
+from ckpt_watch.redact import redact_text, redact_url
 from ckpt_watch.sinks.jsonfiles import jsonable
 from ckpt_watch.sinks.outbox import METRIC, PARAMS, TABLE, TAG, Outbox, Row
 
@@ -98,7 +104,34 @@ def _is_permanent(exc: Exception) -> bool:
 
 
 def _describe(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:_MAX_VALUE]
+    """One line for logs, the outbox and `last_error`; URLs in it lose their credentials."""
+    return redact_text(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")[:_MAX_VALUE]
+
+
+class _FlushFileLock:
+    """An flock on a file beside the outbox, held while one process sends its rows."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = -1
+
+    def acquire(self, deadline: float | None) -> bool:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    os.close(self.fd)
+                    self.fd = -1
+                    return False
+                time.sleep(0.05)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 @dataclass(frozen=True)
@@ -120,8 +153,12 @@ class MlflowSink:
         self.config = config
         self.results_dir = Path(results_dir).resolve()
         self.tracking_uri = resolve_tracking_uri(config, self.results_dir)
+        # what logs and the outbox's run cache see: the URI without its password or tokens
+        self.display_uri = redact_url(self.tracking_uri)
         self.attach_run_id = config.run_id or os.environ.get("MLFLOW_RUN_ID") or None
         self.close_timeout = close_timeout
+        # False for a guest process (`eval` beside a daemon): the daemon still logs into this run
+        self.finish_on_close = True
         self.last_error: str | None = None
         self._background = background
         self._run_name: str | None = None
@@ -139,7 +176,8 @@ class MlflowSink:
         _cap_http_retries()
         self._run_name = run_name
         self._outbox = Outbox(self.results_dir / run_name / OUTBOX_FILE)
-        self._outbox.put_params(json.dumps({str(k): str(v) for k, v in sorted(params.items())}))
+        # a value may hold a URL with credentials (an endpoint, a DSN): params keep only the redacted form
+        self._outbox.put_params(json.dumps({str(k): redact_text(str(v)) for k, v in sorted(params.items())}))
         if self._background and self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="mlflow-flusher", daemon=True)
             self._thread.start()
@@ -155,12 +193,27 @@ class MlflowSink:
         if result.error:
             # A failure is data: visible on the run, not just a gap in the curve.
             rows.append((TAG, f"ckpt_watch.error.{result.suite}.step-{step}", step, ts, None,
-                         result.error[:_MAX_VALUE]))
+                         redact_text(result.error)[:_MAX_VALUE]))
         if self.config.log_samples and result.samples:
             rows.append((TABLE, f"samples/{result.suite}/step-{step}.json", step, ts, None,
                          json.dumps(jsonable(result.samples))))
+        rows.extend(self._summary_rows(result.suite, step))
         self._box().add(rows)
         self._kick.set()
+
+    def _summary_rows(self, suite: str, step: int) -> list[tuple[str, str, int, int, float | None, str | None]]:
+        """The run summary (ckpt_watch/summary.py) as run tags `ckpt_watch.summary.*`, from the
+        metrics.jsonl the JSON sink (first in the sink list) has just updated. The tags of the
+        suite just written and the run-wide figures only; stamped now, so each write's tags are
+        new outbox rows and the latest one wins."""
+        from ckpt_watch.summary import build_summary, summary_tags
+
+        run_dir = self.results_dir / (self._run_name or "")
+        if not (run_dir / "metrics.jsonl").is_file():
+            return []
+        now = int(time.time() * 1000)
+        tags = summary_tags(build_summary(run_dir), suite=suite)
+        return [(TAG, key, step, now, None, value) for key, value in sorted(tags.items())]
 
     def close(self) -> None:
         """Stop the flusher and make a last flush, bounded by close_timeout in total."""
@@ -177,7 +230,7 @@ class MlflowSink:
         if report.pending:
             log.warning("%d MLflow point(s) not delivered (%s); kept in %s and sent at the next start",
                         report.pending, report.error, self._outbox.path)
-        elif self._run_id and not self.attach_run_id and report.error is None:
+        elif self._run_id and not self.attach_run_id and report.error is None and self.finish_on_close:
             # Our own run is done for now; start() reopens it if the daemon comes back.
             try:
                 self._mlflow().set_terminated(self._run_id, RunStatus.to_string(RunStatus.FINISHED))
@@ -202,6 +255,13 @@ class MlflowSink:
             counts = box.counts()
             return FlushReport(0, counts["pending"], counts["failed"], "a flush is already running")
         sent, error = 0, None
+        # Another process on this run (a daemon beside `ckpt-watch eval`) shares the outbox: only
+        # one may send at a time, or both could re-send the same attempted-but-unconfirmed row.
+        cross = _FlushFileLock(box.path.with_name(box.path.name + ".flush-lock"))
+        if not cross.acquire(deadline):
+            self._flush_lock.release()
+            counts = box.counts()
+            return FlushReport(0, counts["pending"], counts["failed"], "another process is flushing this outbox")
         try:
             run_id = self._ensure_run()
             sent += self._send_params(run_id)
@@ -213,8 +273,9 @@ class MlflowSink:
         except Exception as exc:  # carried as data: last_error, FlushReport, the rows' last_error
             error = _describe(exc)
             if error != self.last_error:  # once per distinct error, not every flush_seconds
-                log.warning("MLflow flush to %s failed (points stay queued): %s", self.tracking_uri, error)
+                log.warning("MLflow flush to %s failed (points stay queued): %s", self.display_uri, error)
         finally:
+            cross.release()
             self._flush_lock.release()
         self.last_error = error
         counts = box.counts()
@@ -254,7 +315,7 @@ class MlflowSink:
             box.requeue(PARAMS)
             self._run_id = self.attach_run_id
             return self._run_id
-        run_id = box.cached_run(self.tracking_uri, self.config.experiment, name)
+        run_id = box.cached_run(self.display_uri, self.config.experiment, name)
         if run_id is not None:
             try:
                 alive = client.get_run(run_id).info.lifecycle_stage == "active"
@@ -263,11 +324,11 @@ class MlflowSink:
                     raise
                 alive = False
             if not alive:  # deleted in the UI: look again / start a new run
-                box.cache_run(self.tracking_uri, self.config.experiment, name, None)
+                box.cache_run(self.display_uri, self.config.experiment, name, None)
                 run_id = None
         if run_id is None:
             run_id = self._find_or_create_run(client, name)
-            box.cache_run(self.tracking_uri, self.config.experiment, name, run_id)
+            box.cache_run(self.display_uri, self.config.experiment, name, run_id)
         client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         box.requeue(PARAMS)  # a new process or a new run: check the params once more (cheap, idempotent)
         self._run_id = run_id
@@ -323,7 +384,7 @@ class MlflowSink:
                 raise
             # A refused param (bad key…) must not hold back every metric behind it.
             box.mark_failed(rows[0], _describe(exc))
-            log.error("MLflow refused the run params: %s", exc)
+            log.error("MLflow refused the run params: %s", _describe(exc))
             return 0
         box.mark_sent(rows)
         return 1
@@ -347,7 +408,7 @@ class MlflowSink:
                     if not _is_permanent(row_exc):
                         raise
                     box.mark_failed(row, _describe(row_exc))
-                    log.error("MLflow refused %s %s at step %d: %s", row.kind, row.key, row.step, row_exc)
+                    log.error("MLflow refused %s %s at step %d: %s", row.kind, row.key, row.step, _describe(row_exc))
                 else:
                     box.mark_sent([row])
             box.mark_sent([r for r in rows if r.id in landed])
@@ -366,7 +427,7 @@ class MlflowSink:
             alive = False
         if not alive:
             self._run_id = None
-            self._box().cache_run(self.tracking_uri, self.config.experiment, self._run_name or "", None)
+            self._box().cache_run(self.display_uri, self.config.experiment, self._run_name or "", None)
         return alive
 
     def _already_landed(self, run_id: str, rows: list[Row]) -> set[int]:

