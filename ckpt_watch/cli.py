@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ckpt_watch.config import Config, ConfigError, load_config
+from ckpt_watch.redact import RedactFilter
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Evaluate every LoRA checkpoint of a fine-tuning run as it lands.")
@@ -25,8 +27,22 @@ err = Console(stderr=True, soft_wrap=True)
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config file.")]
 
 
+OWN_LOGGER = "ckpt_watch"
+
+
+class _ThirdPartyFilter(logging.Filter):
+    """Below WARNING, only ckpt-watch's own records pass: libraries that lower their own logger's
+    level (or log under names nobody listed, e.g. `httpx2` for one request line per HTTP call)
+    still reach the handler at WARNING and above only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        own = record.name == OWN_LOGGER or record.name.startswith(OWN_LOGGER + ".")
+        return own or record.levelno >= logging.WARNING
+
+
 def setup_logging(verbose: bool) -> None:
-    level = logging.DEBUG if verbose else logging.INFO
+    """ckpt-watch's own loggers at INFO (DEBUG with -v); every third-party logger at WARNING
+    (INFO with -v, which brings back e.g. one line per HTTP request)."""
     if sys.stderr.isatty():
         from rich.logging import RichHandler
 
@@ -37,9 +53,14 @@ def setup_logging(verbose: bool) -> None:
         handler = logging.StreamHandler(sys.stderr)
         fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     handler.setFormatter(logging.Formatter(fmt))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
-    for noisy in ("httpx", "httpcore", "openai", "urllib3", "watchdog", "filelock", "alembic", "mlflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    handler.addFilter(RedactFilter())  # no URL credentials in any log line, whoever logs it
+    if not verbose:
+        handler.addFilter(_ThirdPartyFilter())
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler], force=True)
+    logging.getLogger(OWN_LOGGER).setLevel(logging.DEBUG if verbose else logging.INFO)
+    # MLflow gives its loggers their own handler and level when it is imported (later than this):
+    # its documented variable sets that level; a value the user set wins
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
 
 
 def print_config_errors(exc: ConfigError) -> None:
@@ -54,6 +75,27 @@ def _load(path: Path, overrides: dict[str, Any] | None = None) -> Config:
     except ConfigError as exc:
         print_config_errors(exc)
         raise typer.Exit(2) from None
+
+
+def _check_engine(cfg: Config) -> None:
+    """A managed vLLM server's launch command must be able to import vllm: exit 2 now, naming
+    `engine.launch.command`, rather than when the server dies while starting."""
+    launch = cfg.engine.launch
+    if cfg.engine.kind != "vllm" or launch is None:
+        return
+    from ckpt_watch.engines.preflight import VLLMPreflightError, check_vllm_command
+
+    try:
+        check_vllm_command(launch.command, env={**os.environ, **launch.env})
+    except VLLMPreflightError as exc:
+        print_config_errors(ConfigError([(exc.field, str(exc))]))
+        raise typer.Exit(2) from None
+
+
+def _engine_failed(exc: Exception) -> typer.Exit:
+    """An engine that cannot start or serve: its message (it says what to do), exit code 1."""
+    err.print(f"[bold red]engine error[/]: {exc}", highlight=False)
+    return typer.Exit(1)
 
 
 @app.command()
@@ -72,13 +114,22 @@ def run(
     if cfg.watch.dir is None:
         print_config_errors(ConfigError([("watch.dir", "no watch directory: set watch.dir or pass --watch")]))
         raise typer.Exit(2)
+    _check_engine(cfg)
+    from ckpt_watch.core import EngineError
     from ckpt_watch.daemon import Daemon
+    from ckpt_watch.locking import LockHeld
 
     try:
         code = asyncio.run(Daemon(cfg, once=once, force=force).run())
     except ConfigError as exc:
         print_config_errors(exc)
         raise typer.Exit(2) from None
+    except LockHeld as exc:
+        err.print(f"[red]cannot start[/]: {exc}. One daemon per results dir and run; stop the other "
+                  "one, or give this one another results_dir / run_name.", highlight=False)
+        raise typer.Exit(2) from None
+    except EngineError as exc:
+        raise _engine_failed(exc) from None
     raise typer.Exit(code)
 
 
@@ -96,7 +147,8 @@ def eval_(
         err.print("give checkpoint folders and/or --base")
         raise typer.Exit(2)
     cfg = _load(config)
-    from ckpt_watch.core import CheckpointError
+    _check_engine(cfg)
+    from ckpt_watch.core import CheckpointError, EngineError
     from ckpt_watch.oneshot import evaluate_paths
 
     try:
@@ -104,6 +156,11 @@ def eval_(
     except CheckpointError as exc:
         err.print(f"[red]{exc}[/]")
         raise typer.Exit(2) from None
+    except ConfigError as exc:  # e.g. a judge whose scoring method cannot be decided
+        print_config_errors(exc)
+        raise typer.Exit(2) from None
+    except EngineError as exc:
+        raise _engine_failed(exc) from None
     raise typer.Exit(1 if failed else 0)
 
 
@@ -124,29 +181,90 @@ def status(
     ledger = Ledger(paths.ledger)
     runs = [run_name] if run_name else ledger.runs()
     for run in runs:
+        _print_run_identity(ledger, paths.results, run)
+        versions = {(suite, h): v for suite, h, v in ledger.suite_versions(run)}
         t = Table(title=f"run {run}: evaluations")
-        for col in ("step", "suite", "state", "tries", "updated", "note"):
+        for col in ("step", "suite", "config", "state", "tries", "updated", "note"):
             t.add_column(col, overflow="fold")
         style = {"done": "green", "failed": "red", "pending": "yellow", "running": "cyan", "skipped": "dim"}
         for r in ledger.evals(run):
-            t.add_row(str(r.step), r.suite, f"[{style[r.state]}]{r.state}[/]", str(r.attempts),
+            version = versions.get((r.suite, r.suite_hash), 1)
+            key = r.suite if version <= 1 else f"{r.suite}.v{version}"
+            t.add_row(str(r.step), key, r.suite_hash[:8], f"[{style[r.state]}]{r.state}[/]", str(r.attempts),
                       r.updated_at[:19], (r.error or "")[:80])
         out.print(t)
         c = Table(title=f"run {run}: checkpoints")
-        for col in ("step", "state", "tries", "path", "note"):
+        for col in ("step", "state", "tries", "fingerprint", "path", "note"):
             c.add_column(col, overflow="fold")
         for k in ledger.checkpoints(run):
-            c.add_row(str(k.step), k.state, str(k.attempts), k.path or "", (k.error or "")[:80])
+            c.add_row(str(k.step), k.state, str(k.attempts), (k.sha256 or "")[:12], k.path or "", (k.error or "")[:80])
         out.print(c)
     ledger.close()
 
 
+def _print_run_identity(ledger: Any, results: Path, run: str) -> None:
+    """Which watched run and training this is, its suite configurations, and who evaluates it now."""
+    from ckpt_watch.locking import holder_of
+
+    base = ledger.base_of(run)
+    trainings = ledger.trainings(base)
+    gen = next((g for g, r, _why in trainings if r == run), 1)
+    holder = holder_of(results, base)
+    who = (f"{holder.get('mode', '?')} pid {holder.get('pid', '?')} since {str(holder.get('since', ''))[:19]}"
+           if holder else "no ckpt-watch process")
+    out.print(f"[bold]run {run}[/] — training {gen} of {len(trainings)} in watched run {base}; evaluating: {who}",
+              highlight=False)
+    for _g, r, why in trainings:
+        if r == run and why:
+            out.print(f"  started because: {why}", highlight=False)
+    for suite, h, version in ledger.suite_versions(run):
+        name = suite if version <= 1 else f"{suite}.v{version}"
+        out.print(f"  suite {suite} config {h[:8]} → results as '{name}'", highlight=False)
+    for suite, max_steps, targets in ledger.schedules(run):
+        out.print(f"  suite {suite}: percent schedule over {max_steps} steps → due at the first checkpoint at or "
+                  f"after steps {', '.join(map(str, targets))}", highlight=False)
+
+
 @app.command()
-def validate(config: Annotated[Path, typer.Argument(help="YAML config file.")]) -> None:
-    """Check a config file; print every bad field with its dotted path."""
+def validate(
+    config: Annotated[Path, typer.Argument(help="YAML config file.")],
+    judge_check: Annotated[bool, typer.Option(
+        "--judge-check/--no-judge-check",
+        help="Contact the judge endpoint to decide judge.method: auto, as the daemon does at start-up.")] = True,
+    engine_check: Annotated[bool, typer.Option(
+        "--engine-check/--no-engine-check",
+        help="Check that a managed vLLM server's launch command can import vllm; skip it to validate "
+             "a config written for another machine.")] = True,
+) -> None:
+    """Check a config file; print every bad field with its dotted path.
+
+    With `judge.method: auto`, this contacts the judge endpoint
+    (its /tokenize route or one probe request) to decide the method,
+    as the daemon does at start-up; --no-judge-check skips that.
+    Exit 2: bad config or undetectable method; 1: judge unreachable."""
     cfg = _load(config)
+    if engine_check:
+        _check_engine(cfg)
+    judge_line = _validate_judge(cfg) if judge_check else ""
     out.print(f"[green]ok[/]: {config} — {len(cfg.suites)} suite(s): {', '.join(cfg.suites)}; "
-              f"engine {cfg.engine.kind}; base model {cfg.base_model}")
+              f"engine {cfg.engine.kind}; base model {cfg.base_model}{judge_line}")
+
+
+def _validate_judge(cfg: Config) -> str:
+    """'; judge method M (how)' when a suite needs the judge, else ''; exits 2 / 1 on failure."""
+    if cfg.judge is None or not any(s.needs_judge() for s in cfg.suites.values()):
+        return ""
+    from ckpt_watch.judge import JudgeUnavailable, detect_judge_method
+
+    try:
+        method, how = asyncio.run(detect_judge_method(cfg.judge))
+    except ConfigError as exc:  # JudgeMethodError: judge.method cannot be decided
+        print_config_errors(exc)
+        raise typer.Exit(2) from None
+    except JudgeUnavailable as exc:
+        err.print(f"[red]{exc}[/]", highlight=False)
+        raise typer.Exit(1) from None
+    return f"; judge method {method} ({how})"
 
 
 @app.command()
@@ -173,12 +291,18 @@ def demo(
     steps: Annotated[int, typer.Option(help="Training steps.")] = 40,
     save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 10,
     engine: Annotated[str, typer.Option(help="hf (in-process) or vllm (managed CPU server).")] = "hf",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train a small LoRA on CPU and watch ckpt-watch evaluate every checkpoint as it lands."""
-    setup_logging(False)
+    setup_logging(verbose)
+    from ckpt_watch.core import EngineError
     from ckpt_watch.demo.run import run_demo
 
-    raise typer.Exit(run_demo(out_dir, steps=steps, save_steps=save_steps, engine=engine))
+    try:
+        code = run_demo(out_dir, steps=steps, save_steps=save_steps, engine=engine)
+    except EngineError as exc:
+        raise _engine_failed(exc) from None
+    raise typer.Exit(code)
 
 
 @app.command("config-reference")
