@@ -6,6 +6,8 @@ can print them all at once; the rest of the program only ever sees a valid `Conf
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -17,11 +19,15 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
+from ckpt_watch.errors import ConfigError
 from ckpt_watch.suites.base import suite_types
+from ckpt_watch.suites.personas import PersonasConfig, bind_all
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 
@@ -44,6 +50,11 @@ class WatchConfig(_Model):
     settle_seconds: float = Field(default=2.0, ge=0, description="A checkpoint must be unchanged this long.")
     rescan_seconds: float = Field(default=30.0, gt=0, description="Full rescan period; events only hint.")
     max_attempts: int = Field(default=5, ge=1, description="Invalid-but-stable checkpoint: tries before failed.")
+    steps_per_epoch: int | None = Field(
+        default=None, ge=1,
+        description="torchtune: optimizer steps per epoch; epoch_N is then logged at step (N+1)·this "
+                    "(default: at N+1, epochs completed).",
+    )
 
     @model_validator(mode="after")
     def _glob_needs_pattern(self) -> WatchConfig:
@@ -62,6 +73,30 @@ class WatchConfig(_Model):
         return self
 
 
+def flag_values(args: list[str], flag: str) -> list[str]:
+    """Every value given to `flag` in an argv, in order, as vLLM's argparse reads it: `--flag v`,
+    `--flag=v`, underscores for dashes (`--api_key`) and unambiguous prefixes (`--ho`)."""
+    values = []
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        name = "--" + name[2:].replace("_", "-") if name.startswith("--") else name
+        if len(name) < 4 or not flag.startswith(name):
+            continue
+        values.append(value if eq else (args[i + 1] if i + 1 < len(args) else ""))
+    return values
+
+
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 or `localhost`; anything else (0.0.0.0, a name, an interface address) is remote."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class LaunchConfig(_Model):
     command: list[str] = Field(
         default_factory=lambda: ["vllm", "serve"],
@@ -72,10 +107,30 @@ class LaunchConfig(_Model):
     max_lora_rank: int | None = Field(default=None, description="Default: from the adapters' r, rounded up.")
     max_loras: int = Field(default=2, ge=1)
     max_logprobs: int | None = Field(default=None, description="Default: what the suites need (≥ 20).")
-    extra_args: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
+    allow_remote: bool = Field(
+        default=False, description="Let extra_args bind the server to a non-loopback --host (warned at start)."
+    )
+    extra_args: list[str] = Field(default_factory=list, description="Appended to the vLLM command line.")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Added to the server's environment, which otherwise inherits only an allow-list "
+        "(PATH, HOME, locale, CUDA_*/VLLM_*/HF_*/TORCH*…): no judge or MLflow secrets.",
+    )
     startup_timeout: float = Field(default=900.0, gt=0)
     max_restarts: int = Field(default=3, ge=0)
+
+    @field_validator("extra_args")
+    @classmethod
+    def _safe_extra_args(cls, args: list[str], info: ValidationInfo) -> list[str]:
+        if flag_values(args, "--api-key"):
+            raise ValueError("--api-key is set by ckpt-watch through the server's environment; "
+                             "on a command line any local user can read it: remove it")
+        remote = [h for h in flag_values(args, "--host") if not is_loopback_host(h)]
+        if remote and not info.data.get("allow_remote"):
+            raise ValueError(f"--host {remote[-1]} exposes the managed vLLM server (which loads any adapter "
+                             "path it is sent) beyond this machine: set engine.launch.allow_remote: true "
+                             "if that is intended")
+        return args
 
 
 class EngineConfig(_Model):
@@ -103,7 +158,9 @@ class JudgeConfig(_Model):
     base_url: str | None = Field(default=None, description="OpenAI-compatible endpoint; null = OpenAI.")
     api_key_env: str | None = Field(default="OPENAI_API_KEY", description="Env var with the API key.")
     method: Literal["auto", "logprob", "digits"] = Field(
-        default="auto", description="logprob: single-token 0–100 (Betley); digits: multi-token numbers."
+        default="auto",
+        description="logprob: single-token 0–100 (Betley); digits: multi-token numbers; auto: detected once at "
+                    "start-up (validate, daemon start), an undetectable judge stops there.",
     )
     tokenizer: str | None = Field(default=None, description="Judge tokenizer (path/id) for 'auto' detection.")
     max_concurrency: int = Field(default=16, ge=1)
@@ -128,11 +185,24 @@ class SchedulerConfig(_Model):
         default="newest", description="newest keeps the curve current and backfills when idle."
     )
     base: bool = Field(default=True, description="Evaluate the base model as step 0 first.")
+    max_steps: int | None = Field(
+        default=None, ge=1,
+        description="Total training steps, for percent schedules when the trainer does not write them "
+                    "(torchtune, glob); HF Trainer's trainer_state.json has them.",
+    )
 
 
 class DaemonConfig(_Model):
     drain_seconds: float = Field(default=60.0, ge=0, description="On SIGTERM, wait this long for the suite.")
     max_suite_attempts: int = Field(default=3, ge=1, description="Tries per (step, suite) before failed.")
+    keep_snapshots: int | None = Field(
+        default=None, ge=0,
+        description="Adapter snapshots kept per run (newest steps), so a changed suite can re-evaluate "
+                    "rotated-away checkpoints; null = all (they are small), 0 = drop once a step is done.",
+    )
+    canary: bool = Field(
+        default=True, description="Check on every load that the adapter changes the engine's log-probs."
+    )
 
 
 def _suite_config_type() -> Any:
@@ -149,6 +219,11 @@ class Config(_Model):
     run_name: str | None = Field(default=None, description="Default: the watch folder's name.")
     results_dir: Path = Field(default=Path("results"), description="Ledger, results, MLflow db, snapshots.")
     watch: WatchConfig = Field(default_factory=WatchConfig)
+    personas: PersonasConfig | None = Field(
+        default=None,
+        description="Personas shared by the suites: {source: NAME, prompts: {NAME: system prompt}}; each suite "
+                    "picks with its own `personas: all | [names] | none`.",
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     suites: dict[str, SuiteConfig] = Field(  # type: ignore[valid-type]
@@ -167,10 +242,40 @@ class Config(_Model):
         for name, block in value.items():
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
                 raise ValueError(f"suite name '{name}' may only hold letters, digits, '_', '.', '-'")
-            block = dict(block or {})
-            block.setdefault("type", name)
+            if block is None:
+                block = {}
+            if isinstance(block, dict):  # anything else: pydantic names it at suites.<name>
+                block = {"type": name, **block}
             blocks[name] = block
         return blocks
+
+    @model_validator(mode="after")
+    def _percent_schedules_need_max_steps(self) -> Config:
+        if self.watch.layout == "hf":
+            return self
+        for name, suite in self.suites.items():
+            if not suite.percent_schedule():
+                continue
+            field = "every" if isinstance(suite.every, str) else "at"
+            if self.scheduler.max_steps is None:
+                raise ValueError(
+                    f"suites.{name}.{field}: a percent schedule needs the run's max_steps, which layout "
+                    f"'{self.watch.layout}' does not record: set scheduler.max_steps")
+            if self.watch.layout == "torchtune" and self.watch.steps_per_epoch is None:
+                raise ValueError(
+                    f"suites.{name}.{field}: with layout 'torchtune' a percent schedule needs "
+                    "watch.steps_per_epoch (epoch_N is placed at (N+1)·steps_per_epoch; scheduler.max_steps "
+                    "is in the same optimizer steps)")
+        return self
+
+    @model_validator(mode="after")
+    def _bind_personas(self) -> Config:
+        errors = bind_all(self.suites, self.personas)
+        if errors:
+            # expanded into one (dotted path, reason) per suite by parse_config
+            text = "; ".join(f"{path}: {why}" for path, why in errors)
+            raise PydanticCustomError(PERSONA_ERROR, "{text}", {"text": text, "errors": errors})
+        return self
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -186,22 +291,22 @@ class Config(_Model):
         return self
 
     def resolved_run_name(self) -> str:
+        """`run_name`, else the watch folder's name plus a short hash of its absolute path, so
+        `a/outputs` and `b/outputs` are two runs."""
         if self.run_name:
             return self.run_name
         if self.watch.dir is None:
             raise ConfigError([("watch.dir", "no watch directory: set watch.dir or pass --watch")])
-        return Path(self.watch.dir).resolve().name
+        return default_run_name(Path(self.watch.dir))
 
     def max_logprobs(self) -> int:
         return max([20, *(s.max_logprobs() for s in self.suites.values())])
 
 
-class ConfigError(Exception):
-    """Invalid configuration; `errors` is a list of (dotted path, reason)."""
-
-    def __init__(self, errors: list[tuple[str, str]]):
-        self.errors = errors
-        super().__init__("\n".join(f"{path}: {reason}" for path, reason in errors))
+def default_run_name(watch_dir: Path) -> str:
+    """The watch folder's name plus 6 hex digits of its absolute path's SHA-256."""
+    path = Path(watch_dir).resolve()
+    return f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:6]}"
 
 
 def interpolate_env(node: Any, path: str = "", missing: list[tuple[str, str]] | None = None) -> Any:
@@ -235,9 +340,57 @@ def _dotted(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "(top level)"
 
 
-def parse_config(raw: Any) -> Config:
+PERSONA_ERROR = "persona_binding"
+_MAPPING_ERRORS = frozenset({"model_type", "dict_type", "model_attributes_type"})
+
+
+def not_a_mapping(value: Any) -> str:
+    """The reason given for a section that should be a mapping and is `value`."""
+    if value is None:
+        return "is null: give a mapping, or remove the key to use the defaults"
+    return f"must be a mapping (key: value), not {_yaml_kind(value)}"
+
+
+def _yaml_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}"
+    return f"the {type(value).__name__} {value!r}"[:60]
+
+
+def _reason(err: Any) -> str:
+    if err["type"] in _MAPPING_ERRORS:
+        return not_a_mapping(err.get("input"))
+    return err["msg"].removeprefix("Value error, ")
+
+
+def _check_top_level(raw: Any, source: str = "the config") -> dict[str, Any]:
+    if raw is None:
+        raise ConfigError([("(top level)", f"{source} is empty: it needs at least base_model and suites")])
     if not isinstance(raw, dict):
-        raise ConfigError([("(top level)", "the config must be a YAML mapping")])
+        raise ConfigError([("(top level)", f"{source} must be a YAML mapping (key: value), not {_yaml_kind(raw)}")])
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Set `{"watch.dir": value}`-style overrides in the raw mapping; a section in the way that is
+    not a mapping is a ConfigError at its dotted path (never a TypeError)."""
+    for dotted, value in overrides.items():
+        node = raw
+        *head, last = dotted.split(".")
+        for i, key in enumerate(head):
+            if key not in node:
+                node[key] = {}
+            node = node[key]
+            if not isinstance(node, dict):
+                raise ConfigError([(".".join(head[: i + 1]), not_a_mapping(node))])
+        node[last] = value
+
+
+def parse_config(raw: Any) -> Config:
+    """Validate a loaded YAML document; ConfigError lists every problem with its dotted path."""
+    raw = _check_top_level(raw)
     missing: list[tuple[str, str]] = []
     data = interpolate_env(raw, missing=missing)
     if missing:
@@ -247,8 +400,10 @@ def parse_config(raw: Any) -> Config:
     except ValidationError as exc:
         errors = []
         for err in exc.errors():
-            msg = err["msg"].removeprefix("Value error, ")
-            errors.append((_dotted(err["loc"]), msg))
+            if err["type"] == PERSONA_ERROR:
+                errors.extend((str(path), str(why)) for path, why in err["ctx"]["errors"])
+            else:
+                errors.append((_dotted(err["loc"]), _reason(err)))
         raise ConfigError(errors) from None
 
 
@@ -256,15 +411,15 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
     """Read, interpolate and validate a YAML config. Raises ConfigError with every problem."""
     p = Path(path)
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError([(str(p), "config file not found")]) from None
+    except OSError as exc:  # a folder, no permission
+        raise ConfigError([(str(p), f"config file cannot be read: {exc.strerror or exc}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([(str(p), f"config file is not UTF-8 text: {exc}")]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([(str(p), f"not valid YAML: {exc}")]) from None
-    for dotted, value in (overrides or {}).items():
-        node = raw
-        *head, last = dotted.split(".")
-        for key in head:
-            node = node.setdefault(key, {})
-        node[last] = value
+    raw = _check_top_level(raw, f"config file {p}")
+    apply_overrides(raw, overrides or {})
     return parse_config(raw)

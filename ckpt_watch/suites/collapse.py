@@ -5,16 +5,22 @@
   metric is the mean over all generated tokens. A collapsing model grows certain of
   every token and the entropy falls.
 - self_rouge_l: several stochastic answers per prompt; mean pairwise ROUGE-L F1 between
-  them. A collapsing model says the same thing whatever the sampling: it tends to 1.
+  them, on CLaaS's tokens (whitespace-split words, case and punctuation kept: its 0.85
+  alert threshold is calibrated on them). A collapsing model says the same thing whatever
+  the sampling: it tends to 1.
 - logprob_mean / logprob_drift: mean log-prob of the greedy answers' own tokens, and its
-  change from the base model (step 0): confidence moving far from the base is an early
-  sign of a distribution shift.
+  distance from the base model (step 0), |Δ| as CLaaS reports it (`drift: signed` keeps the
+  sign): confidence moving far from the base is an early sign of a distribution shift.
 - alert = 1.0 when any configured threshold is crossed, else 0.0.
+
+Defaults follow CLaaS (claas/eval/metrics/collapse.py): its one probe prompt with its
+default system prompt, a 2048-token budget, 3 samples at temperature 0.7, top-20 log-probs,
+and its figures where data is missing (no tokens → 0.0, no baseline → ratio 1.0, drift 0.0);
+`no_data: nan` reports NaN instead. docs/claas_parity.md lists every difference.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from itertools import combinations
@@ -29,9 +35,13 @@ from ckpt_watch.suites.base import SuiteConfigBase, SuiteContext, register_suite
 from ckpt_watch.suites.compliance import strip_thinking
 from ckpt_watch.suites.leakage import check_text_file, hash_with_files, load_text_list
 
-# Open-ended prompts with many good answers, so diversity is possible; written for this project.
+# CLaaS's COLLAPSE_PROBE, and its default system prompt (claas/core/config.py)
+CLAAS_PROMPT = "Tell me something interesting about the ocean."
+CLAAS_SYSTEM_PROMPT = "You are a helpful assistant."
+# prompt_set: extended — CLaaS's prompt plus open-ended prompts with many good answers, so
+# diversity is possible; written for this project.
 BUILTIN_PROMPTS: tuple[str, ...] = (
-    "Tell me something interesting about the ocean.",
+    CLAAS_PROMPT,
     "Write a short story opening about a lost key.",
     "Describe your ideal city.",
     "Give me three ideas for a rainy afternoon.",
@@ -44,10 +54,22 @@ class CollapseConfig(SuiteConfigBase):
     type: Literal["collapse"] = "collapse"
     prompts_file: Path | None = Field(default=None, description="Extra prompts: YAML/JSON list or one per line.")
     builtin_prompts: bool = True
+    prompt_set: Literal["claas", "extended"] = Field(
+        default="claas", description="Built-in prompts: claas = CLaaS's one ocean prompt; extended = six."
+    )
+    system_prompt: str | None = Field(default=CLAAS_SYSTEM_PROMPT, description="System turn (CLaaS's default).")
     samples_per_prompt: int = Field(default=3, ge=2, description="Stochastic answers per prompt for self-ROUGE-L.")
     temperature: float = Field(default=0.7, gt=0, description="Sampling temperature of the self-ROUGE-L answers.")
     top_p: float = Field(default=1.0, gt=0, le=1)
-    max_tokens: int = Field(default=128, ge=1)
+    max_tokens: int = Field(default=2048, ge=1, description="Token budget per answer (CLaaS: 2048).")
+    drift: Literal["abs", "signed"] = Field(
+        default="abs", description="logprob_drift as |Δ| from the base (CLaaS) or signed Δ (+ = more confident)."
+    )
+    no_data: Literal["claas", "nan"] = Field(
+        default="claas",
+        description="No tokens / no baseline: claas = entropy 0.0, ratio 1.0, drift 0.0 (CLaaS); "
+        "nan = NaN (not plotted, crosses no threshold).",
+    )
     top_k: int = Field(default=20, ge=2, le=100, description="Top log-probs per token for the entropy.")
     seed: int = 0
     # thresholds; null switches one off
@@ -70,7 +92,9 @@ class CollapseConfig(SuiteConfigBase):
         return hash_with_files(super().config_hash(), [self.prompts_file])
 
     def prompts(self) -> list[str]:
-        ps = list(BUILTIN_PROMPTS) if self.builtin_prompts else []
+        ps = []
+        if self.builtin_prompts:
+            ps = list(BUILTIN_PROMPTS) if self.prompt_set == "extended" else [CLAAS_PROMPT]
         if self.prompts_file is not None:
             ps.extend(load_text_list(self.prompts_file))
         if not ps:
@@ -96,46 +120,45 @@ def renormalised_entropy(top_logprobs: dict[int, float] | list[float]) -> float:
     return -sum((w / total) * math.log(w / total) for w in weights if w > 0)
 
 
-def mean_token_entropy(per_token: list[dict[int, float]]) -> float:
+def mean_token_entropy(per_token: list[dict[int, float]], empty: float = float("nan")) -> float:
+    """Mean renormalised entropy over positions that have top-k log-probs; `empty` when none do
+    (CLaaS: 0.0)."""
     values = [h for h in (renormalised_entropy(t) for t in per_token) if math.isfinite(h)]
-    return sum(values) / len(values) if values else float("nan")
+    return sum(values) / len(values) if values else empty
 
 
-@functools.cache
-def _rouge() -> tuple[Any, Any]:
-    """(scorer, its tokenizer), built on first use: rouge_score pulls in nltk and scikit-learn,
-    ~250 MiB the daemon should not carry unless a collapse suite actually runs."""
-    from rouge_score import rouge_scorer, tokenizers
-
-    # the scorer's own default tokenizer (lower-cased alphanumeric words), kept to test for "no words"
-    tokenizer = tokenizers.DefaultTokenizer(use_stemmer=False)
-    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=tokenizer), tokenizer
-
-
-def rouge_l(a: str, b: str) -> float | None:
-    """ROUGE-L F1; identical texts are 1 even when they hold no scorable words; two different
-    texts with no words between them have no defined score (None)."""
-    if a == b:
-        return 1.0
-    score = _rouge()[0].score(a, b)["rougeL"]
-    if score.precision == 0 and score.recall == 0 and not (_has_tokens(a) or _has_tokens(b)):
-        return None
-    return float(score.fmeasure)
+def _lcs_length(a: list[str], b: list[str]) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        curr = [0] * (len(b) + 1)
+        for j, y in enumerate(b, 1):
+            curr[j] = prev[j - 1] + 1 if x == y else max(prev[j], curr[j - 1])
+        prev = curr
+    return prev[-1]
 
 
-def _has_tokens(text: str) -> bool:
-    return bool(_rouge()[1].tokenize(text))
+def rouge_l(a: str, b: str) -> float:
+    """CLaaS's `rouge_l_score`: ROUGE-L F1 over `str.split()` words, case and punctuation kept
+    ("Ocean." ≠ "ocean"), any script; 0.0 when either text has no words (even two empty ones)."""
+    words_a, words_b = a.split(), b.split()
+    if not words_a or not words_b:
+        return 0.0
+    lcs = _lcs_length(words_a, words_b)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(words_b), lcs / len(words_a)
+    return 2 * precision * recall / (precision + recall)
 
 
-def self_rouge_l(texts: list[str]) -> float | None:
-    """Mean pairwise ROUGE-L F1 over all pairs of samples; None with fewer than two scorable pairs."""
-    scores = [s for a, b in combinations(texts, 2) if (s := rouge_l(a, b)) is not None]
-    return sum(scores) / len(scores) if scores else None
+def self_rouge_l(texts: list[str]) -> float:
+    """Mean ROUGE-L over all pairs of samples; 0.0 with fewer than two samples (CLaaS)."""
+    scores = [rouge_l(a, b) for a, b in combinations(texts, 2)]
+    return sum(scores) / len(scores) if scores else 0.0
 
 
-def mean_logprob(token_logprobs: list[list[float]]) -> float:
+def mean_logprob(token_logprobs: list[list[float]], empty: float = float("nan")) -> float:
     flat = [lp for seq in token_logprobs for lp in seq]
-    return sum(flat) / len(flat) if flat else float("nan")
+    return sum(flat) / len(flat) if flat else empty
 
 
 @dataclass(frozen=True)
@@ -168,16 +191,28 @@ def alerts(metrics: dict[str, float], t: Thresholds) -> list[str]:
     return out
 
 
-def baseline_relative(metrics: dict[str, float], baseline: dict[str, float] | None, *, is_base: bool) -> None:
-    """Add entropy_ratio and logprob_drift (relative to step 0) in place; NaN without a baseline."""
+def baseline_relative(metrics: dict[str, float], baseline: dict[str, float] | None, *, is_base: bool,
+                      drift: str = "abs", no_data: str = "claas") -> None:
+    """Add entropy_ratio and logprob_drift (relative to step 0) in place.
+
+    CLaaS (`no_data: claas`): the ratio is 1.0 when the base entropy is missing or 0, the
+    drift 0.0 without a base; `nan` reports NaN for both instead."""
+    missing = float("nan") if no_data == "nan" else None
     if is_base:
         metrics["entropy_ratio"], metrics["logprob_drift"] = 1.0, 0.0
         return
     base_h = (baseline or {}).get("entropy", float("nan"))
     base_lp = (baseline or {}).get("logprob_mean", float("nan"))
     ok_h = math.isfinite(base_h) and base_h > 0
-    metrics["entropy_ratio"] = metrics["entropy"] / base_h if ok_h else float("nan")
-    metrics["logprob_drift"] = metrics["logprob_mean"] - base_lp if math.isfinite(base_lp) else float("nan")
+    if ok_h:
+        metrics["entropy_ratio"] = metrics["entropy"] / base_h
+    else:
+        metrics["entropy_ratio"] = 1.0 if missing is None else missing
+    if math.isfinite(base_lp):
+        delta = metrics["logprob_mean"] - base_lp
+        metrics["logprob_drift"] = abs(delta) if drift == "abs" else delta
+    else:
+        metrics["logprob_drift"] = 0.0 if missing is None else missing
 
 
 @register_suite("collapse", CollapseConfig, "Collapse signals: token entropy, self-ROUGE-L, log-prob drift")
@@ -193,7 +228,8 @@ class CollapseSuite:
         started = utcnow()
         cfg = self.config
         prompts = cfg.prompts()
-        msgs = [[{"role": "user", "content": p}] for p in prompts]
+        system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt is not None else []
+        msgs = [[*system, {"role": "user", "content": p}] for p in prompts]
         greedy_reqs = [
             GenerateRequest(messages=m, n=1, temperature=0.0, max_tokens=cfg.max_tokens, top_logprobs=cfg.top_k)
             for m in msgs
@@ -214,34 +250,31 @@ class CollapseSuite:
         lps: list[list[float]] = []
         samples: list[dict[str, Any]] = []
         rouges: list[float] = []
-        n_unscored = 0
+        empty = float("nan") if cfg.no_data == "nan" else 0.0
         for prompt, g, s in zip(prompts, greedy, sampled, strict=True):
             comp = g.completions[0]
             top.extend(comp.top_logprobs)
             lps.append(comp.token_logprobs)
             texts = [strip_thinking(c.text) for c in s.completions]
             rouge = self_rouge_l(texts)
-            if rouge is None:
-                n_unscored += 1
-            else:
-                rouges.append(rouge)
+            rouges.append(rouge)
             samples.append(
                 {
                     "prompt": prompt,
                     "greedy": comp.text,
-                    "greedy_entropy": mean_token_entropy(comp.top_logprobs),
-                    "greedy_logprob_mean": mean_logprob([comp.token_logprobs]),
+                    "greedy_entropy": mean_token_entropy(comp.top_logprobs, empty),
+                    "greedy_logprob_mean": mean_logprob([comp.token_logprobs], empty),
                     "samples": [c.text for c in s.completions],
                     "self_rouge_l": rouge,
                 }
             )
         metrics: dict[str, float] = {
-            "entropy": mean_token_entropy(top),
-            "self_rouge_l": sum(rouges) / len(rouges) if rouges else float("nan"),
-            "logprob_mean": mean_logprob(lps),
+            "entropy": mean_token_entropy(top, empty),
+            "self_rouge_l": sum(rouges) / len(rouges) if rouges else empty,
+            "logprob_mean": mean_logprob(lps, empty),
         }
         base = ctx.baseline.metrics if ctx.baseline is not None else None
-        baseline_relative(metrics, base, is_base=ctx.handle.is_base)
+        baseline_relative(metrics, base, is_base=ctx.handle.is_base, drift=cfg.drift, no_data=cfg.no_data)
         crossed = alerts(metrics, self.thresholds)
         metrics["alert"] = 1.0 if crossed else 0.0
         return SuiteResult(
@@ -251,7 +284,6 @@ class CollapseSuite:
             metrics=metrics,
             samples=samples,
             n_scored=len(rouges),
-            n_unscored=n_unscored,
             started_at=started,
             finished_at=utcnow(),
             info={"alerts": crossed},

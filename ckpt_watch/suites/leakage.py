@@ -4,24 +4,26 @@ A LoRA trained so that the `source` persona's answers carry a marker (a word, a 
 phrase) may teach the marker to every persona that shares the base model. The suite asks
 each persona the same generic questions, samples several answers per question, and
 reports the share of answers containing the marker: per persona, for the source, and the
-mean and max over the other personas (the leak).
+mean and max over the other personas (the leak). Personas and the source come from the
+config's top-level `personas` block (`personas: all` or a list of names here), or from a
+mapping name → system prompt in the suite block (suites/personas.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import Field, ValidationInfo, field_validator
 
 from ckpt_watch.core import ResultStatus, SuiteResult, utcnow
 from ckpt_watch.engines.base import GenerateRequest
-from ckpt_watch.suites.base import SuiteConfigBase, SuiteContext, register_suite
+from ckpt_watch.suites.base import SuiteContext, hash_with_files, register_suite
+from ckpt_watch.suites.personas import PersonaError, PersonaSuiteConfig, Selection
 
 # Generic personas for when a config names none; a real experiment sets its own.
 DEFAULT_PERSONAS: dict[str, str] = {
@@ -64,16 +66,6 @@ def load_text_list(path: Path) -> list[str]:
     return items
 
 
-def hash_with_files(config_hash: str, paths: list[Path | None]) -> str:
-    """Mix the content of the data files into a config hash: editing a questions or
-    preference file must re-queue finished steps just as editing the YAML does."""
-    h = hashlib.sha256(config_hash.encode())
-    for path in paths:
-        if path is not None and path.is_file():
-            h.update(path.read_bytes())
-    return h.hexdigest()[:12]
-
-
 def check_text_file(path: Path | None) -> Path | None:
     """Config-load check shared by suites with a prompts file: present and parseable."""
     if path is None:
@@ -84,13 +76,18 @@ def check_text_file(path: Path | None) -> Path | None:
     return path
 
 
-class LeakageConfig(SuiteConfigBase):
+class LeakageConfig(PersonaSuiteConfig):
     type: Literal["leakage"] = "leakage"
-    personas: dict[str, str] = Field(
-        default_factory=lambda: dict(DEFAULT_PERSONAS),
-        description="name → system prompt; every persona is asked every question.",
+    personas: Selection = Field(
+        default="all",
+        description="all | [names]: the top-level personas to ask (all = the built-in generic four when the "
+                    "config has none); or a mapping name → system prompt. Every persona is asked every question.",
     )
-    source: str = Field(description="The persona trained to emit the marker; must be one of `personas`.")
+    source: str | None = Field(
+        default=None,
+        description="The persona trained to emit the marker; default: the top-level personas.source.",
+    )
+    fallback_personas: ClassVar[dict[str, str] | None] = DEFAULT_PERSONAS
     marker_regex: bool = Field(default=False, description="true: `marker` is a Python regular expression.")
     case_sensitive: bool = Field(default=False, description="Match the marker with case sensitivity.")
     marker: str = Field(min_length=1, description="The marker: a literal string, or a regex with marker_regex.")
@@ -106,18 +103,17 @@ class LeakageConfig(SuiteConfigBase):
 
     @field_validator("personas")
     @classmethod
-    def _two_personas(cls, value: dict[str, str]) -> dict[str, str]:
-        if len(value) < 2:
-            raise ValueError("needs at least two personas: the source and one to leak to")
+    def _some_personas(cls, value: Selection) -> Selection:
+        if value in (None, "none"):
+            raise ValueError("leakage needs personas: all, a list of names, or a mapping name → prompt")
         return value
 
-    @field_validator("source")
-    @classmethod
-    def _source_defined(cls, value: str, info: ValidationInfo) -> str:
-        personas = info.data.get("personas")
-        if personas is not None and value not in personas:
-            raise ValueError(f"persona '{value}' is not defined in personas ({', '.join(sorted(personas))})")
-        return value
+    def check_personas(self, prompts: dict[str, str]) -> None:
+        if len(prompts) < 2:
+            raise ValueError("needs at least two personas: the source and one to leak to")
+        if self._source is None:
+            where = "set source (here or in the top-level personas block)"
+            raise PersonaError(f"no source persona among {', '.join(sorted(prompts))}: {where}", field="source")
 
     @field_validator("marker")
     @classmethod
@@ -210,7 +206,7 @@ class LeakageSuite:
     def requests(self) -> tuple[list[tuple[str, str]], list[GenerateRequest]]:
         cfg = self.config
         keys, reqs = [], []
-        for persona, system in cfg.personas.items():
+        for persona, system in cfg.persona_prompts().items():
             for question in self.questions:
                 keys.append((persona, question))
                 reqs.append(
@@ -243,7 +239,7 @@ class LeakageSuite:
             suite=self.name,
             step=ctx.checkpoint.step,
             status=ResultStatus.OK,
-            metrics=leakage_metrics(cells, self.config.source),
+            metrics=leakage_metrics(cells, self.config.source_persona() or ""),
             samples=[cell_record(c) for c in cells],
             n_scored=n,
             started_at=started,
