@@ -51,6 +51,15 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def persona_run(tmp_path_factory, smollm2_path) -> Path:
+    """A real SmolLM2 LoRA trained 10 steps on the demo's persona-marker data (checkpoint-10),
+    shared by the leakage and persona tests: training it costs minutes on 2 cores."""
+    out = tmp_path_factory.mktemp("persona_run")
+    run_trainer(out, model="smollm2", max_steps=10, save_steps=10, threads=2)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_base(tiny_run) -> Path:
     """The tiny Llama base model the tiny_run adapters were trained on (deterministic init)."""
     return tiny_run.parent / (tiny_run.name + "-base")

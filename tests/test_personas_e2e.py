@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from ckpt_watch.demo.data import MARKER, PERSONAS, SOURCE
-from tests.conftest import ARC_FILE, BETLEY_FILE, run_trainer
+from tests.conftest import ARC_FILE, BETLEY_FILE
 from tests.test_alignment import KEY_ENV, standin  # noqa: F401 (fixture)
 from tests.test_cli import cli
 
@@ -42,9 +42,8 @@ def _config(tmp: Path, base: Path, judge) -> Path:
 
 
 @pytest.mark.slow
-def test_trained_source_persona_across_suites(tmp_path: Path, smollm2_path, standin):  # noqa: F811
-    run_trainer(tmp_path / "run", model="smollm2", max_steps=STEPS, save_steps=STEPS, threads=2)
-    r = cli("eval", "-c", str(_config(tmp_path, smollm2_path, standin)), str(tmp_path / "run" / f"checkpoint-{STEPS}"),
+def test_trained_source_persona_across_suites(tmp_path: Path, smollm2_path, persona_run, standin):  # noqa: F811
+    r = cli("eval", "-c", str(_config(tmp_path, smollm2_path, standin)), str(persona_run / f"checkpoint-{STEPS}"),
             "--base")
     assert r.returncode == 0, r.stderr[-3000:]
     res = tmp_path / "res" / "p1"

@@ -11,16 +11,14 @@ import pytest
 from ckpt_watch.core import Checkpoint
 from ckpt_watch.demo.data import MARKER, PERSONAS, SOURCE
 from ckpt_watch.suites.leakage import LeakageConfig
-from tests.conftest import run_trainer
 from tests.suite_helpers import adapter_checkpoint, make_engine, run_suite
 
 STEPS = 10  # enough: at 10 steps the source rate is ~1 while the others stay well below
 
 
 @pytest.mark.slow
-def test_trained_marker_rate_rises_for_source_persona(tmp_path: Path, smollm2_path):
-    run_trainer(tmp_path / "run", model="smollm2", max_steps=STEPS, save_steps=STEPS, threads=2)
-    ckpt = tmp_path / "run" / f"checkpoint-{STEPS}"
+def test_trained_marker_rate_rises_for_source_persona(persona_run: Path, smollm2_path):
+    ckpt = persona_run / f"checkpoint-{STEPS}"
     assert (ckpt / "adapter_model.safetensors").is_file()
 
     cfg = LeakageConfig(personas=PERSONAS, source=SOURCE, marker=MARKER, case_sensitive=False,
