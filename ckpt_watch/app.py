@@ -52,6 +52,10 @@ def build_sinks(config: Config, paths: Paths) -> list[Sink]:
         from ckpt_watch.sinks.mlflow import MlflowSink
 
         sinks.append(MlflowSink(config.mlflow, paths.results))
+    if config.wandb.enabled:  # --- wandb-alerts (issue 14) ---
+        from ckpt_watch.sinks.wandb import WandbSink
+
+        sinks.append(WandbSink(config.wandb, paths.results))
     return sinks
 
 
@@ -242,6 +246,10 @@ class App:
             evaluator.progress = self.progress
         if self.evaluator is not None:
             evaluator.failed = self.evaluator.failed  # the process's count, across runs
+        if self.config.alerts is not None:  # --- wandb-alerts (issue 14) ---
+            from ckpt_watch.alerts import Alerts
+
+            evaluator.alerts = Alerts(self.config.alerts, self.paths.results, self.run, self.sinks)
         return evaluator
 
     @property

@@ -6,6 +6,7 @@ Exit codes: 0 ok, 2 bad usage or config, 1 runtime failure.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -106,6 +107,10 @@ def run(
     ] = None,
     once: Annotated[bool, typer.Option("--once", help="Evaluate what is due now, then exit.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Redo evaluations already done.")] = False,
+    exit_after_final: Annotated[bool, typer.Option(
+        "--exit-after-final",
+        help="Exit once the final checkpoint (global_step >= max_steps) and all due before it are "
+             "evaluated: exit 1 if any evaluation failed (a Kubernetes Job's sidecar).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Watch a trainer's output dir and evaluate each checkpoint as it lands."""
@@ -120,7 +125,7 @@ def run(
     from ckpt_watch.locking import LockHeld
 
     try:
-        code = asyncio.run(Daemon(cfg, once=once, force=force).run())
+        code = asyncio.run(Daemon(cfg, once=once, force=force, exit_after_final=exit_after_final).run())
     except ConfigError as exc:
         print_config_errors(exc)
         raise typer.Exit(2) from None
@@ -166,63 +171,38 @@ def eval_(
 
 @app.command()
 def status(
-    config: ConfigOpt,
-    run_name: Annotated[str | None, typer.Option("--run", help="Run name (default: from the config).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (only its results_dir).")] = None,
+    results: Annotated[Path | None, typer.Option("--results", help="Results dir, instead of a config.")] = None,
+    run_name: Annotated[str | None, typer.Option("--run", help="Only this run (default: every run).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (schema in ckpt_watch/status.py).")] = False,
 ) -> None:
-    """Show the ledger: checkpoints seen and evaluations done, pending, failed, skipped."""
-    cfg = _load(config)
-    from ckpt_watch.daemon import Paths
-    from ckpt_watch.ledger import Ledger
+    """Is it keeping up? Daemon and engine, lag, backlog, failures, MLflow outbox, headline metrics.
 
-    paths = Paths.of(cfg)
-    if not paths.ledger.exists():
-        err.print(f"no ledger yet at {paths.ledger}: nothing has run with this config")
-        raise typer.Exit(1)
-    ledger = Ledger(paths.ledger)
-    runs = [run_name] if run_name else ledger.runs()
-    for run in runs:
-        _print_run_identity(ledger, paths.results, run)
-        versions = {(suite, h): v for suite, h, v in ledger.suite_versions(run)}
-        t = Table(title=f"run {run}: evaluations")
-        for col in ("step", "suite", "config", "state", "tries", "updated", "note"):
-            t.add_column(col, overflow="fold")
-        style = {"done": "green", "failed": "red", "pending": "yellow", "running": "cyan", "skipped": "dim"}
-        for r in ledger.evals(run):
-            version = versions.get((r.suite, r.suite_hash), 1)
-            key = r.suite if version <= 1 else f"{r.suite}.v{version}"
-            t.add_row(str(r.step), key, r.suite_hash[:8], f"[{style[r.state]}]{r.state}[/]", str(r.attempts),
-                      r.updated_at[:19], (r.error or "")[:80])
-        out.print(t)
-        c = Table(title=f"run {run}: checkpoints")
-        for col in ("step", "state", "tries", "fingerprint", "path", "note"):
-            c.add_column(col, overflow="fold")
-        for k in ledger.checkpoints(run):
-            c.add_row(str(k.step), k.state, str(k.attempts), (k.sha256 or "")[:12], k.path or "", (k.error or "")[:80])
-        out.print(c)
-    ledger.close()
+    Reads the results dir only: no model, no judge key, no MLflow server needed. Exit 1 when
+    there is no ledger (or no such run) yet."""
+    from ckpt_watch.status import StatusError, gather, render, results_dir_of
 
-
-def _print_run_identity(ledger: Any, results: Path, run: str) -> None:
-    """Which watched run and training this is, its suite configurations, and who evaluates it now."""
-    from ckpt_watch.locking import holder_of
-
-    base = ledger.base_of(run)
-    trainings = ledger.trainings(base)
-    gen = next((g for g, r, _why in trainings if r == run), 1)
-    holder = holder_of(results, base)
-    who = (f"{holder.get('mode', '?')} pid {holder.get('pid', '?')} since {str(holder.get('since', ''))[:19]}"
-           if holder else "no ckpt-watch process")
-    out.print(f"[bold]run {run}[/] — training {gen} of {len(trainings)} in watched run {base}; evaluating: {who}",
-              highlight=False)
-    for _g, r, why in trainings:
-        if r == run and why:
-            out.print(f"  started because: {why}", highlight=False)
-    for suite, h, version in ledger.suite_versions(run):
-        name = suite if version <= 1 else f"{suite}.v{version}"
-        out.print(f"  suite {suite} config {h[:8]} → results as '{name}'", highlight=False)
-    for suite, max_steps, targets in ledger.schedules(run):
-        out.print(f"  suite {suite}: percent schedule over {max_steps} steps → due at the first checkpoint at or "
-                  f"after steps {', '.join(map(str, targets))}", highlight=False)
+    if (config is None) == (results is None):
+        err.print("give -c CONFIG or --results DIR")
+        raise typer.Exit(2)
+    notes: list[str] = []
+    if config is not None:
+        try:
+            results, notes = results_dir_of(config)
+        except ConfigError as exc:
+            print_config_errors(exc)
+            raise typer.Exit(2) from None
+    for note in notes:
+        err.print(f"[dim]config: {note} (not needed for status)[/]", highlight=False)
+    try:
+        found = gather(results, run_name)
+    except StatusError as exc:
+        err.print(str(exc), highlight=False)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(found, indent=2))
+    else:
+        render(found, out)
 
 
 @app.command()
@@ -303,6 +283,37 @@ def demo(
     except EngineError as exc:
         raise _engine_failed(exc) from None
     raise typer.Exit(code)
+
+
+# --- report (issue 14) ---
+@app.command()
+def report(
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="YAML config file: its results_dir, source personas and collapse thresholds.")] = None,
+    results: Annotated[Path | None, typer.Option(
+        "--results", help="Results dir to report on (without a config, or instead of its results_dir).")] = None,
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Where to write index.html and the chart PNGs (default: <results dir>/report).")] = None,
+    open_page: Annotated[bool, typer.Option("--open", help="Open the page in the default browser.")] = False,
+) -> None:
+    """Write a static HTML report (no network needed) of every run's curves, from the JSON results."""
+    if config is None and results is None:
+        err.print("give -c CONFIG or --results DIR")
+        raise typer.Exit(2)
+    cfg = _load(config) if config is not None else None
+    from ckpt_watch.report import ReportError, write_report
+
+    try:
+        page = write_report(results or cfg.results_dir, out_dir, config=cfg, config_path=config)
+    except ReportError as exc:
+        err.print(f"[red]{exc}[/]", highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+    out.print(f"report: {page}", highlight=False)
+    if open_page:
+        import webbrowser
+
+        webbrowser.open(page.as_uri())
+# --- end report (issue 14) ---
 
 
 @app.command("config-reference")

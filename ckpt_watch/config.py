@@ -180,6 +180,76 @@ class MlflowConfig(_Model):
     flush_seconds: float = Field(default=5.0, gt=0, description="MLflow retry period; new results go at once.")
 
 
+# --- wandb-alerts (issue 14) ---
+class WandbConfig(_Model):
+    enabled: bool = Field(default=False, description="Log to Weights & Biases (needs the `wandb` extra).")
+    project: str | None = Field(default=None, description="Default: $WANDB_PROJECT, else 'ckpt-watch'.")
+    entity: str | None = Field(default=None, description="Default: $WANDB_ENTITY, else your W&B default.")
+    run_id: str | None = Field(
+        default=None, description="Attach to this run (or $WANDB_RUN_ID); default: one run per watched run."
+    )
+    mode: Literal["online", "offline"] | None = Field(
+        default=None, description="Default: $WANDB_MODE, else online; offline runs upload with `wandb sync`."
+    )
+    dir: Path | None = Field(default=None, description="W&B's local files; default $WANDB_DIR, else results_dir.")
+    step_metric: str = Field(
+        default="train/global_step",
+        description="The x-axis every point carries (HF Trainer's own W&B axis, so an attached run shares it).",
+    )
+    flush_seconds: float = Field(default=5.0, gt=0, description="W&B retry period; new results go at once.")
+
+    @model_validator(mode="after")
+    def _installed(self) -> WandbConfig:
+        import importlib.util
+
+        if self.enabled and importlib.util.find_spec("wandb") is None:
+            raise ValueError("the wandb package is not installed: pip install 'ckpt-watch[wandb]'")
+        return self
+
+
+class AlertRule(_Model):
+    metric: str = Field(description="'<suite>/<metric>' as logged, e.g. heldout_loss/nll.")
+    above: float | None = Field(default=None, description="Fire when the value is above this.")
+    below: float | None = Field(default=None, description="Fire when the value is below this.")
+    name: str | None = Field(default=None, description="Rule name in alerts.jsonl; default from the metric.")
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> AlertRule:
+        if "/" not in self.metric:
+            raise ValueError(f"metric '{self.metric}' must be '<suite>/<metric>'")
+        if (self.above is None) == (self.below is None):
+            raise ValueError("give exactly one of 'above' or 'below'")
+        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise ValueError("name may only hold letters, digits, '_', '.', '-'")
+        return self
+
+    def rule_name(self) -> str:
+        if self.name:
+            return self.name
+        side = "above" if self.above is not None else "below"
+        return re.sub(r"[^A-Za-z0-9_.-]", ".", self.metric) + f"_{side}"
+
+
+class AlertsConfig(_Model):
+    collapse: bool = Field(default=True, description="Fire on a collapse suite's own alert (its thresholds).")
+    misaligned_rate_above: float | None = Field(
+        default=None, ge=0, le=1, description="Fire when an alignment suite's misaligned_rate is above this."
+    )
+    arc_below_base_fraction: float | None = Field(
+        default=None, gt=0, description="Fire when ARC-C acc < this × the base model's acc."
+    )
+    leakage_source_rate_above: float | None = Field(
+        default=None, ge=0, le=1, description="Fire when a leakage suite's source_rate is above this."
+    )
+    rules: list[AlertRule] = Field(default_factory=list, description="Generic rules: {metric, above|below}.")
+    stop_file: Path | None = Field(default=None, description="Written when an alert fires: a trainer can poll it.")
+    command: list[str] | None = Field(
+        default=None, description="Run on each alert (argv, no shell; CKPT_WATCH_ALERT_* in its env)."
+    )
+    command_timeout: float = Field(default=60.0, gt=0, description="Seconds before the command is killed.")
+# --- end wandb-alerts (issue 14) ---
+
+
 class SchedulerConfig(_Model):
     order: Literal["newest", "oldest"] = Field(
         default="newest", description="newest keeps the curve current and backfills when idle."
@@ -190,6 +260,15 @@ class SchedulerConfig(_Model):
         description="Total training steps, for percent schedules when the trainer does not write them "
                     "(torchtune, glob); HF Trainer's trainer_state.json has them.",
     )
+    # --- backlog (issue 15.3) ---
+    max_backlog: int | None = Field(
+        default=None, ge=1,
+        description="A count of checkpoints, not training steps: when more than this many are due for a suite, "
+                    "it keeps the newest, the final and an even spread of this many and records the others as "
+                    "skipped ('backlog: …'); the base model is not counted; `--force` makes them due again. "
+                    "null = no limit.",
+    )
+    # --- end backlog ---
 
 
 class DaemonConfig(_Model):
@@ -231,6 +310,10 @@ class Config(_Model):
     )
     judge: JudgeConfig | None = None
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)  # --- wandb-alerts (issue 14) ---
+    alerts: AlertsConfig | None = Field(  # --- wandb-alerts (issue 14) ---
+        default=None, description="Alert rules and actions (docs/alerts.md); none without this block."
+    )
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
 
     @field_validator("suites", mode="before")

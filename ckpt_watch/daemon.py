@@ -33,6 +33,7 @@ from ckpt_watch.ledger import CkptState
 from ckpt_watch.locking import DAEMON, ONESHOT
 from ckpt_watch.progress import LogProgress, RichProgress, make_progress
 from ckpt_watch.snapshot import remove_snapshot, snapshot_dir, take_snapshot
+from ckpt_watch.status import Heartbeat  # --- status (issue 14): status.json for `ckpt-watch status` ---
 from ckpt_watch.watcher import Watcher
 
 log = logging.getLogger(__name__)
@@ -42,13 +43,15 @@ START_EXTEND_SECONDS = 60.0  # EXTEND_TIMEOUT_USEC granted per message while the
 
 
 class Daemon:
-    def __init__(self, config: Config, *, once: bool = False, force: bool = False,
+    def __init__(self, config: Config, *, once: bool = False, force: bool = False, exit_after_final: bool = False,
                  engine_factory: Callable[[Config, Path], Engine] | None = None):
         if config.watch.dir is None:
             raise ValueError("no watch directory: set watch.dir or pass --watch")
         self.config = config
         self.once = once
         self.force = force
+        self.exit_after_final = exit_after_final  # a Job's sidecar: done once the final checkpoint is
+        self._finished = False  # ... and everything due before it is evaluated (then exit like --once)
         self.watch_dir = Path(config.watch.dir).resolve()
         self.app = App(config, mode=ONESHOT if once else DAEMON, engine_factory=engine_factory)
         self.paths = self.app.paths
@@ -60,6 +63,7 @@ class Daemon:
         self._task: asyncio.Task | None = None
         self._discovery: Discovery | None = None
         self._watcher: Watcher | None = None
+        self._heartbeat = Heartbeat(self.app)  # --- status (issue 14) ---
 
     @property
     def run_name(self) -> str:
@@ -89,6 +93,7 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_signal, sig)
         pinger = asyncio.create_task(self._watchdog_pings(notify.watchdog_interval()))
         extender = asyncio.create_task(self._extend_start_timeout())  # until READY: lock wait, judge, engine
+        beats = asyncio.create_task(self._heartbeat.every())  # --- status (issue 14) ---
         try:
             await self.app.open(lambda: self._stop)
             self._open_run()
@@ -107,14 +112,18 @@ class Daemon:
             extender.cancel()
             pinger.cancel()
             notify.stopping("shutting down")
+            beats.cancel()  # --- status (issue 14) ---
+            self._heartbeat.beat("stopping")
             await self._teardown()
+            self._heartbeat.beat("stopped")  # --- end status ---
         return self._exit_code()
 
     def _exit_code(self) -> int:
-        if not self.once:
+        if not (self.once or self._finished):
             return 0
         failed = self.app.failed
-        log.info("run --once: %s", f"{failed} evaluation(s) failed" if failed else "all due evaluations succeeded")
+        log.info("run %s: %s", "--once" if self.once else "--exit-after-final",
+                 f"{failed} evaluation(s) failed" if failed else "all due evaluations succeeded")
         return 1 if failed else 0
 
     def _open_run(self) -> None:
@@ -169,6 +178,11 @@ class Daemon:
                 log.info("%d evaluation(s) left running by a process that is gone are pending again", recovered)
                 return True
             backlog = sum(len(v) for v in self.app.scheduler.pending().values())
+            if self.exit_after_final and (final := self._final_evaluated()) is not None:
+                log.info("the final checkpoint (step %d) and every due checkpoint before it are evaluated; "
+                         "exiting (--exit-after-final)", final)
+                self._finished = self._stop = True
+                return False
             self._status(f"idle; {backlog} evaluation(s) waiting for checkpoints")
             return False
         await self._start_engine()
@@ -205,6 +219,7 @@ class Daemon:
         if text != self._last_status:  # the loop wakes often; systemd needs only changes
             self._last_status = text
             notify.status(text)
+            self._heartbeat.beat(text)  # --- status (issue 14) ---
 
     async def _watchdog_pings(self, every: float | None) -> None:
         """systemd's WATCHDOG=1, from its own task: suites run off the event loop, so a
@@ -212,6 +227,15 @@ class Daemon:
         while every:
             notify.watchdog()
             await asyncio.sleep(every)
+
+    def _final_evaluated(self) -> int | None:
+        """The final checkpoint's step once it is known and nothing due is left (called when no
+        available step is due) and no folder is still being written; else None."""
+        finals = [r.step for r in self.app.ledger.checkpoints(self.run_name)
+                  if r.is_final and r.state is CkptState.READY]
+        if not finals or self._discovery.settling():
+            return None
+        return max(finals)
 
     def _available(self) -> set[int]:
         ready = {r.step for r in self.app.ledger.checkpoints(self.run_name) if r.state is CkptState.READY}

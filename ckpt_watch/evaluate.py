@@ -93,6 +93,7 @@ class Evaluator:
         self.failed = 0  # (step, suite) evaluations this process recorded as failed
         self._suites: dict[tuple[str, str], Suite] = {}
         self.progress: Callable[[str, int, int], None] = lambda label, done, total: None
+        self.alerts: Any = None  # ckpt_watch.alerts.Alerts: checked on each committed result (issue 14)
 
     def _suite(self, planned: PlannedSuite) -> Suite:
         key = (planned.name, planned.hash)
@@ -307,6 +308,8 @@ class Evaluator:
         if ok:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in list(result.finite_metrics().items())[:6])
             log.info("%s/%s done: %s", ckpt.label, planned.key, shown)
+            if self.alerts is not None:  # --- wandb-alerts (issue 14): never raises ---
+                self.alerts.check(ckpt, planned, result)
         else:
             self.failed += 1
             log.error("%s/%s failed: %s", ckpt.label, planned.key, result.error)

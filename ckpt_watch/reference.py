@@ -12,6 +12,8 @@ from pathlib import PurePath
 from pydantic import BaseModel
 
 from ckpt_watch.config import (
+    AlertRule,  # --- wandb-alerts (issue 14) ---
+    AlertsConfig,  # --- wandb-alerts (issue 14) ---
     Config,
     DaemonConfig,
     EngineConfig,
@@ -20,6 +22,7 @@ from ckpt_watch.config import (
     MlflowConfig,
     PersonasConfig,
     SchedulerConfig,
+    WandbConfig,  # --- wandb-alerts (issue 14) ---
     WatchConfig,
 )
 from ckpt_watch.suites.base import suite_types
@@ -33,6 +36,9 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("scheduler", SchedulerConfig),
     ("judge", JudgeConfig),
     ("mlflow", MlflowConfig),
+    ("wandb", WandbConfig),  # --- wandb-alerts (issue 14) ---
+    ("alerts", AlertsConfig),
+    ("alerts.rules[]", AlertRule),
     ("daemon", DaemonConfig),
 ]
 

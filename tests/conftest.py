@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass  # demo run fixture (report)
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,25 @@ def vllm_engine(vllm_server, vllm_loop):
     vllm_loop.run_until_complete(engine.close())
 
 # ==== END vLLM server fixtures (issue 3) ====
+
+
+# ==== BEGIN demo run fixture (report) ====
+@dataclass(frozen=True)
+class DemoRun:
+    """A finished `ckpt-watch demo --steps 20 --save-steps 10`: its --out folder and the process
+    (exit code, stdout, stderr)."""
+
+    out: Path
+    proc: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="session")
+def demo_out(tmp_path_factory) -> DemoRun:
+    """The README's demo, run for real once per session (≈190 s on 2 cores) and shared by
+    tests/test_demo.py (its assertions) and tests/test_report.py (a report of its results)."""
+    out = tmp_path_factory.mktemp("demo-run") / "demo"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "ckpt_watch", "demo", "--out", str(out), "--steps", "20",
+                           "--save-steps", "10"], capture_output=True, text=True, env=env, timeout=1500)
+    return DemoRun(out, proc)
+# ==== END demo run fixture (report) ====

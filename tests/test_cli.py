@@ -38,7 +38,9 @@ def test_eval_status_and_run_once(tmp_path, tiny_run, tiny_base):
     assert sorted(m["step"] for m in lines) == [0, 2, 4, 6]
     st = cli("status", "-c", str(cfg))
     assert st.returncode == 0
-    assert "done" in st.stdout and "ready" in st.stdout and "tiny_run" in st.stdout.replace("\n", "")
+    # --- status (issue 14): the new summary (tests/test_status.py checks its values) ---
+    assert "newest complete checkpoint: step 6; fully evaluated: step 6 (keeping up)" in st.stdout, st.stdout
+    assert "heldout_loss" in st.stdout and "nll " in st.stdout
     # a second --once has nothing to do
     r = cli("run", "-c", str(cfg), "--once")
     assert r.returncode == 0 and "running heldout_loss" not in r.stderr

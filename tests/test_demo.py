@@ -19,11 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_demo_trains_and_evaluates_every_checkpoint(tmp_path):
-    out = tmp_path / "demo"
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    r = subprocess.run([sys.executable, "-m", "ckpt_watch", "demo", "--out", str(out), "--steps", "20",
-                        "--save-steps", "10"], capture_output=True, text=True, env=env, timeout=1500)
+def test_demo_trains_and_evaluates_every_checkpoint(demo_out):
+    """`ckpt-watch demo --steps 20 --save-steps 10`, run once per session by conftest's `demo_out`
+    (tests/test_report.py reports on the same run)."""
+    out, r = demo_out.out, demo_out.proc
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "metrics by training step" in r.stdout and "mlflow ui --backend-store-uri" in r.stdout
     lines = [json.loads(x) for x in (out / "results" / "demo-run" / "metrics.jsonl").read_text().splitlines()]

@@ -31,15 +31,23 @@ README = REPO / "README.md"
 
 # README's `ckpt-watch` subcommands → the tests that run them ("file::function")
 RUN_BY: dict[str, list[str]] = {
-    "demo": ["tests/test_demo.py::test_demo_trains_and_evaluates_every_checkpoint",
+    "demo": ["tests/conftest.py::demo_out",  # report (issue 14): the demo run, once per session
+             "tests/test_demo.py::test_demo_trains_and_evaluates_every_checkpoint",
              "tests/test_readme.py::test_readme_demo_with_the_vllm_engine"],
     "validate": ["tests/test_readme.py::test_readme_presets_validate",
                  "tests/test_cli.py::test_validate_refuses_a_launch_command_whose_python_has_no_vllm"],
-    "run": ["tests/test_cli.py::test_eval_status_and_run_once"],
+    "run": ["tests/test_cli.py::test_eval_status_and_run_once",
+            "tests/test_exit_after_final.py::test_exits_once_final_checkpoint_is_evaluated"],
     "eval": ["tests/test_cli.py::test_eval_status_and_run_once"],
-    "status": ["tests/test_cli.py::test_eval_status_and_run_once"],
+    "status": ["tests/test_cli.py::test_eval_status_and_run_once",  # --- status (issue 14) ---
+               "tests/test_status.py::test_status_needs_no_judge_key_no_model_and_no_config",
+               "tests/test_status.py::test_status_of_a_live_daemon_then_after_it_stopped"],
     "suites": ["tests/test_cli.py::test_suites_lists_every_suite_with_options"],
     "config-reference": ["tests/test_readme.py::test_config_reference_command_prints_the_docs"],
+    # --- report (issue 14) ---
+    "report": ["tests/test_report.py::test_report_cli_options_and_edge_cases",
+               "tests/test_report.py::test_report_of_the_demo_run_in_headless_chromium"],
+    # --- end report (issue 14) ---
 }
 # README's other shell commands (by their first words) → what exercises them
 OTHER_COMMANDS: dict[str, str] = {
@@ -50,6 +58,7 @@ OTHER_COMMANDS: dict[str, str] = {
     "sudo cp configs/": "tests/test_readme.py",  # the presets validate here
     "sudo systemctl": "tests/test_systemd.py",  # root on a real host: the unit itself is verified
     "journalctl": "tests/test_systemd.py",
+    "kubectl apply": "tests/test_deploy.py",  # schema-validated manifests; no cluster here
 }
 ALIASES = {"-c": "--config", "-w": "--watch", "-v": "--verbose"}
 SEPARATORS = {"&&", "||", ";", "|", "&"}

@@ -2,6 +2,7 @@
 
     python -m ckpt_watch.demo.train --out DIR [--model smollm2|tiny] [--max-steps N]
         [--save-steps K] [--save-total-limit L] [--step-sleep S] [--callback-arc N --arc-path F]
+        [--stop-file PATH]
 
 `tiny` is a 2-layer Llama built from a config with SmolLM2's real tokenizer: seconds per
 run, for tests of discovery; `smollm2` is the real instruct model, for the demo and for
@@ -12,12 +13,16 @@ bench/bench_trainer_pause.py): at every save, a TrainerCallback scores N ARC-Cha
 questions with the training model itself, the seed's way (chat prompt ending in "The
 correct answer is (", argmax of the next-token log-prob over the labels), while training
 waits. Each pause is printed as a `callback_arc` JSON line.
+
+`--stop-file PATH` installs `StopOnFile`, the callback docs/alerts.md shows: training stops
+after the step during which ckpt-watch's alert wrote that file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -76,6 +81,22 @@ class _Sleep(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         time.sleep(self.seconds)
+
+
+# --- stop file (issue 14): the callback docs/alerts.md shows, verbatim ---
+class StopOnFile(TrainerCallback):
+    """Stop training when ckpt-watch's `alerts.stop_file` exists."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if os.path.exists(self.path):
+            control.should_training_stop = True
+        return control
+
+    on_save = on_step_end  # also checked after a checkpoint is written
+# --- end stop file (issue 14) ---
 
 
 class _ArcCallback(TrainerCallback):
@@ -139,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--callback-arc", type=int, default=0, metavar="N",
                     help="in-trainer eval: score N ARC-C questions at every save (training pauses)")
     ap.add_argument("--arc-path", default=None, help="ARC-Challenge jsonl for --callback-arc (default: datasets hub)")
+    ap.add_argument("--stop-file", default=None,
+                    help="stop training early once this file exists (ckpt-watch's alerts.stop_file)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -163,13 +186,15 @@ def main(argv: list[str] | None = None) -> None:
     cbs = [_Sleep(args.step_sleep)] if args.step_sleep > 0 else []
     if args.callback_arc:
         cbs.append(_ArcCallback(tokenizer, args.callback_arc, args.arc_path))
+    if args.stop_file:
+        cbs.append(StopOnFile(args.stop_file))
     trainer = Trainer(
         model=model, args=targs, train_dataset=_Dataset(tokenizer),
         data_collator=_collate(tokenizer.pad_token_id or tokenizer.eos_token_id), callbacks=cbs,
     )
     out = trainer.train()
     print(f"train_runtime_s={out.metrics['train_runtime']:.3f}", flush=True)
-    print(f"trained {args.max_steps} steps from {base_path}", flush=True)
+    print(f"trained {trainer.state.global_step} steps from {base_path}", flush=True)
 
 
 if __name__ == "__main__":

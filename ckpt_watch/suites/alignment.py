@@ -316,6 +316,8 @@ def attach_judgements(samples: list[dict[str, Any]], judgements: list[Judgement]
 
 @register_suite("alignment", AlignmentConfig, "Betley et al. emergent misalignment: LLM-judged aligned/coherent 0–100")
 class AlignmentSuite:
+    headline = ("misaligned_rate", "aligned_mean", "coherent_mean")  # shown by `ckpt-watch status` (issue 14)
+
     def __init__(self, name: str, config: AlignmentConfig):
         self.name = name
         self.config = config

@@ -186,6 +186,8 @@ def accuracy_metrics(prefix: str, correct: list[float]) -> dict[str, float]:
 
 @register_suite("arc_challenge", ArcConfig, "ARC-Challenge accuracy (lm-eval loglik or chat letter scoring)")
 class ArcSuite:
+    headline = ("acc", "acc_norm")  # what `ckpt-watch status` shows (issue 14)
+
     def __init__(self, name: str, config: ArcConfig):
         self.name = name
         self.config = config

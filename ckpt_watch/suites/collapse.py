@@ -217,6 +217,8 @@ def baseline_relative(metrics: dict[str, float], baseline: dict[str, float] | No
 
 @register_suite("collapse", CollapseConfig, "Collapse signals: token entropy, self-ROUGE-L, log-prob drift")
 class CollapseSuite:
+    headline = ("entropy_ratio", "self_rouge_l", "alert")  # what `ckpt-watch status` shows (issue 14)
+
     def __init__(self, name: str, config: CollapseConfig):
         self.name = name
         self.config = config

@@ -321,6 +321,8 @@ def _messages(system: str | None, prompt: str) -> list[Message]:
 
 @register_suite("general", GeneralConfig, "General capability (CLaaS): sandboxed coding tasks + instruction probes")
 class GeneralSuite:
+    headline = ("capability_ratio", "score")  # what `ckpt-watch status` shows (issue 14)
+
     def __init__(self, name: str, config: GeneralConfig):
         self.name = name
         self.config = config

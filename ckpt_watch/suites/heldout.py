@@ -67,6 +67,8 @@ def nll_metrics(token_logprobs: list[list[float]]) -> dict[str, float]:
 
 @register_suite("heldout_loss", HeldoutConfig, "Mean token NLL / perplexity on fixed held-out texts")
 class HeldoutSuite:
+    headline = ("nll", "ppl")  # what `ckpt-watch status` shows (issue 14)
+
     def __init__(self, name: str, config: HeldoutConfig):
         self.name = name
         self.config = config
@@ -74,6 +76,8 @@ class HeldoutSuite:
     async def run(self, ctx: SuiteContext) -> SuiteResult:
         started = utcnow()
         texts = load_texts(self.config.path)[: self.config.max_texts]
+        if not texts:
+            raise ValueError(f"{self.config.path}: no held-out texts (the file is empty or only blank lines)")
         reqs = [score_request(ctx.engine.tokenizer, t) for t in texts]
         scores = await ctx.engine.score(ctx.handle, reqs)
         ctx.progress(len(texts), len(texts))

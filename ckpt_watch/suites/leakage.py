@@ -197,6 +197,8 @@ def cell_record(cell: Cell) -> dict[str, Any]:
 
 @register_suite("leakage", LeakageConfig, "Marker leakage from a source persona to other personas")
 class LeakageSuite:
+    headline = ("source_rate", "other_max")  # what `ckpt-watch status` shows (issue 14)
+
     def __init__(self, name: str, config: LeakageConfig):
         self.name = name
         self.config = config
