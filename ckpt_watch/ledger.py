@@ -10,6 +10,12 @@ evaluation is taken with `claim()`, an atomic `UPDATE … WHERE state='pending'`
 of them ever evaluates a row; `recover()` is called only by the holder of the run's lock
 (ckpt_watch/locking.py).
 
+Backlog (`scheduler.max_backlog`, ckpt_watch/scheduler.py): `trim_backlog()` turns the surplus of
+a suite's pending rows into `skipped` in one write transaction, so a row another process has
+claimed is never touched. Only rows the scheduler queued by itself and never attempted are
+candidates: `pinned` rows (asked for by `ckpt-watch eval PATH` or `--force`) and rows with an
+attempt (an interrupted attempt may already have delivered its result) are always kept.
+
 Identity tables: `trainings` numbers the training runs seen in one watched folder (a known
 step whose adapter fingerprint changed starts the next one, under its own run name) and
 `suite_versions` numbers the configurations of each suite within a run, so two
@@ -21,7 +27,7 @@ from __future__ import annotations
 import enum
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +70,11 @@ _MIGRATIONS = (
     ("checkpoints", "weights_stat", "TEXT"),
     ("checkpoints", "epoch", "INTEGER"),
     ("evals", "owner", "TEXT"),
+    ("evals", "pinned", "INTEGER NOT NULL DEFAULT 0"),  # asked for explicitly: the backlog policy keeps it
 )
+# the reason of every row the backlog policy (scheduler.max_backlog) skipped starts with this;
+# `--force` makes exactly those skipped rows due again (not the ones a schedule said are not due)
+BACKLOG_SKIP = "backlog: "
 
 
 class CkptState(enum.StrEnum):
@@ -326,16 +336,22 @@ class Ledger:
     # -- evaluations ----------------------------------------------------------------------
 
     def add_eval(self, run: str, step: int, suite: str, suite_hash: str, state: EvalState,
-                 error: str | None = None) -> bool:
-        """Insert the row if it is new; returns whether it was inserted."""
+                 error: str | None = None, *, pinned: bool = False) -> bool:
+        """Insert the row if it is new; returns whether it was inserted. `pinned`: asked for
+        explicitly, so the backlog policy never skips it (an existing pending row is pinned too)."""
         now = utcnow()
         with self._tx() as db:
             cur = db.execute(
-                "INSERT OR IGNORE INTO evals (run, step, suite, suite_hash, state, error, created_at, updated_at) "
-                "VALUES (?,?,?,?,?,?,?,?)",
-                (run, step, suite, suite_hash, state, error, now, now),
+                "INSERT OR IGNORE INTO evals (run, step, suite, suite_hash, state, error, created_at, updated_at, "
+                "pinned) VALUES (?,?,?,?,?,?,?,?,?)",
+                (run, step, suite, suite_hash, state, error, now, now, int(pinned)),
             )
-            return cur.rowcount == 1
+            if cur.rowcount == 1:
+                return True
+            if pinned:
+                db.execute("UPDATE evals SET pinned=1 WHERE run=? AND step=? AND suite=? AND suite_hash=? "
+                           "AND state=?", (run, step, suite, suite_hash, EvalState.PENDING))
+            return False
 
     def claim(self, run: str, step: int, suite: str, suite_hash: str, owner: str | None = None) -> bool:
         """Take a pending evaluation for this process (`owner`): pending → running (attempts + 1) in
@@ -364,9 +380,10 @@ class Ledger:
             )
 
     def requeue(self, run: str, step: int, suite: str, suite_hash: str) -> None:
-        """`eval --force` of one row: due again from scratch (no earlier result is redelivered)."""
+        """`eval --force` of one row: due again from scratch (no earlier result is redelivered), and
+        pinned: asked for explicitly, the backlog policy does not skip it again."""
         with self._tx() as db:
-            db.execute("UPDATE evals SET state=?, attempts=0, error=NULL, updated_at=? "
+            db.execute("UPDATE evals SET state=?, attempts=0, error=NULL, pinned=1, updated_at=? "
                        "WHERE run=? AND step=? AND suite=? AND suite_hash=? AND state<>?",
                        (EvalState.PENDING, utcnow(), run, step, suite, suite_hash, EvalState.RUNNING))
 
@@ -445,13 +462,46 @@ class Ledger:
             return cur.rowcount
 
     def force(self, run: str) -> int:
-        """--force: every finished or failed evaluation of the run is due again."""
+        """--force: every finished or failed evaluation of the run, and every one the backlog policy
+        skipped, is due again, pinned (the backlog policy leaves it alone from then on)."""
         with self._tx() as db:
             cur = db.execute(
-                "UPDATE evals SET state=?, attempts=0, error=NULL, updated_at=? WHERE run=? AND state IN (?,?)",
-                (EvalState.PENDING, utcnow(), run, EvalState.DONE, EvalState.FAILED),
+                "UPDATE evals SET state=?, attempts=0, error=NULL, pinned=1, updated_at=? "
+                "WHERE run=? AND (state IN (?,?) OR (state=? AND error LIKE ?))",
+                (EvalState.PENDING, utcnow(), run, EvalState.DONE, EvalState.FAILED, EvalState.SKIPPED,
+                 BACKLOG_SKIP + "%"),
             )
             return cur.rowcount
+
+    # -- backlog (scheduler.max_backlog) ------------------------------------------------
+
+    _BACKLOG_ROWS = "FROM evals WHERE run=? AND state=? AND step<>0 AND pinned=0 AND attempts=0"
+
+    def backlog_counts(self, run: str) -> dict[tuple[str, str], int]:
+        """(suite, suite_hash) → how many of its pending rows the backlog policy may skip: queued by
+        the scheduler, never attempted, not the base model (step 0)."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT suite, suite_hash, count(*) {self._BACKLOG_ROWS} "
+                                    "GROUP BY suite, suite_hash", (run, EvalState.PENDING)).fetchall()
+        return {(r[0], r[1]): r[2] for r in rows}
+
+    def trim_backlog(self, run: str, suite: str, suite_hash: str,
+                     choose: Callable[[list[int]], tuple[set[int], str]]) -> list[int]:
+        """Skip what `choose` does not keep of this suite's backlog (its candidate steps, ascending;
+        it returns the steps to keep and the reason, which must start with BACKLOG_SKIP), in one
+        write transaction; returns the skipped steps."""
+        with self._tx() as db:
+            due = [r[0] for r in db.execute(f"SELECT step {self._BACKLOG_ROWS} AND suite=? AND suite_hash=? "
+                                            "ORDER BY step", (run, EvalState.PENDING, suite, suite_hash))]
+            keep, reason = choose(due)
+            assert reason.startswith(BACKLOG_SKIP), reason
+            drop = [s for s in due if s not in keep]
+            now = utcnow()
+            for step in drop:
+                db.execute("UPDATE evals SET state=?, error=?, updated_at=? WHERE run=? AND step=? AND suite=? "
+                           "AND suite_hash=? AND state=?",
+                           (EvalState.SKIPPED, reason, now, run, step, suite, suite_hash, EvalState.PENDING))
+        return drop
 
     def runs(self) -> list[str]:
         with self._lock:

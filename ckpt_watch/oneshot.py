@@ -76,7 +76,8 @@ def _queue(app: App, targets: list[Checkpoint], force: bool) -> None:
     ledger = app.ledger
     for ckpt in targets:
         for s in app.scheduler.suites.values():
-            if not ledger.add_eval(app.run, ckpt.step, s.name, s.hash, EvalState.PENDING):
+            # pinned: named explicitly, so a daemon's backlog policy (scheduler.max_backlog) keeps it
+            if not ledger.add_eval(app.run, ckpt.step, s.name, s.hash, EvalState.PENDING, pinned=True):
                 row = ledger.eval_row(app.run, ckpt.step, s.name, s.hash)
                 if row is not None and (row.state is EvalState.SKIPPED or force):
                     ledger.requeue(app.run, ckpt.step, s.name, s.hash)  # never a row another process runs

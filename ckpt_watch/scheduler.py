@@ -8,18 +8,34 @@ into target steps recorded in the ledger (again if the schedule is edited); each
 served by the first checkpoint at or after it. The base model (step 0) goes first. When
 checkpoints arrive faster than they are evaluated, `order: newest` keeps the curve current
 and backfills older due work when idle; `oldest` evaluates in training order.
+
+Backlog policy (`scheduler.max_backlog`, off by default): counted in checkpoints, per suite.
+Where the next step is chosen (`next_step`), a suite with more than `max_backlog` checkpoints
+due keeps `max_backlog` of them — the newest, the final (trainer_state's max_steps, or
+`scheduler.max_steps`) and an even spread by index over the due steps, oldest and newest
+included — and records the others as `skipped` with the reason (prefix `backlog: `). Only due
+(pending) rows are cut, so a step a schedule (`every`, percent) skipped is untouched; the base
+model (step 0) is never counted or cut; rows asked for explicitly (`ckpt-watch eval PATH`,
+`--force`) or already attempted once are kept (and not counted). The choice is a pure
+function of the due steps, so it is deterministic. A skipped row stays skipped: a rescan or a
+restart inserts no row that exists, and what was kept is within the limit, so a restart
+changes nothing; only checkpoints arriving later can thin it further. `--force` (or naming the
+checkpoint to `ckpt-watch eval`) makes backlog-skipped rows due again, pinned.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from ckpt_watch.config import SchedulerConfig
 from ckpt_watch.core import BASE_STEP
-from ckpt_watch.ledger import CkptState, EvalState, Ledger
+from ckpt_watch.ledger import BACKLOG_SKIP, CkptState, EvalState, Ledger
 from ckpt_watch.suites.base import SuiteConfigBase
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,6 +84,29 @@ def due_reason(cfg: SuiteConfigBase, step: int, is_final: bool, targets: list[in
     if is_final and cfg.at_final:
         return None
     return why + ("" if not is_final else " (at_final: false)")
+
+
+def spread(n: int, k: int) -> list[int]:
+    """k of the indices 0..n-1 (k < n), evenly spaced and both ends included, rounded half up;
+    k == 1: the last."""
+    if k <= 1:
+        return [n - 1]
+    return [(2 * i * (n - 1) + (k - 1)) // (2 * (k - 1)) for i in range(k)]
+
+
+def backlog_keep(due: list[int], limit: int, finals: set[int] | None = None) -> set[int]:
+    """The due steps (ascending) the backlog policy keeps: all of them within the limit, else the
+    final checkpoint(s) among them plus an even spread by index (the newest always included)
+    over the remaining slots."""
+    if len(due) <= limit:
+        return set(due)
+    extra = (set(finals or ()) & set(due)) - {due[-1]}
+    return extra | {due[i] for i in spread(len(due), max(limit - len(extra), 1))}
+
+
+def backlog_reason(due: int, limit: int) -> str:
+    return (f"{BACKLOG_SKIP}{due} checkpoints due > max_backlog {limit}; kept the newest, the final "
+            "and an even spread")
 
 
 class Scheduler:
@@ -120,7 +159,9 @@ class Scheduler:
         return out
 
     def next_step(self, available: set[int]) -> int | None:
-        """The step to evaluate next among those whose adapter is available."""
+        """The step to evaluate next among those whose adapter is available (the backlog policy
+        cuts what is due first)."""
+        self.enforce_backlog()
         # distinct steps straight from SQL: the daemon asks every loop, and the backlog may be long
         pending = self.ledger.pending_steps(self.run, [(s.name, s.hash) for s in self.suites.values()])
         steps = [s for s in pending if s in available]
@@ -129,6 +170,34 @@ class Scheduler:
         if BASE_STEP in steps:
             return BASE_STEP
         return max(steps) if self.config.order == "newest" else min(steps)
+
+    def final_steps(self) -> set[int]:
+        """The final checkpoint's step (none while it has not arrived): the first one marked final by
+        the trainer or at/after the known max_steps (later ones only exist past max_steps)."""
+        total = self.config.max_steps or self.ledger.schedule_max_steps(self.run)
+        finals = [r.step for r in self.ledger.checkpoints(self.run)
+                  if r.is_final or (total is not None and r.step >= total)]
+        return {min(finals)} if finals else set()
+
+    def enforce_backlog(self) -> int:
+        """Apply `max_backlog` to every current suite; returns how many rows it skipped."""
+        limit = self.config.max_backlog
+        if limit is None:
+            return 0
+        current = {(s.name, s.hash) for s in self.suites.values()}
+        over = [key for key, n in self.ledger.backlog_counts(self.run).items() if key in current and n > limit]
+        if not over:
+            return 0
+        finals = self.final_steps()
+        skipped = 0
+        for name, h in over:
+            dropped = self.ledger.trim_backlog(
+                self.run, name, h, lambda due: (backlog_keep(due, limit, finals), backlog_reason(len(due), limit)))
+            if dropped:
+                log.info("backlog: %s had more than max_backlog=%d checkpoints due; skipped steps %s", name, limit,
+                         ", ".join(map(str, dropped)))
+            skipped += len(dropped)
+        return skipped
 
     def skip(self, step: int, reason: str) -> None:
         for suite in self.pending().get(step, []):
