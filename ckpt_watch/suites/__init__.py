@@ -8,4 +8,5 @@ from ckpt_watch.suites import (
     general,  # noqa: F401
     heldout,  # noqa: F401
     leakage,  # noqa: F401
+    lm_eval,  # noqa: F401  (issue 16; imports the lm-eval package only when configured)
 )
