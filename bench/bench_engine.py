@@ -4,9 +4,14 @@
 
 1. adapter swap: runtime-LoRA route (load, first request, unload) vs restarting the server
    with the adapter given at start-up (`--lora-modules`), until it answers a request;
-2. N greedy chat generations: through the engine (bounded concurrency, one batch) vs the same
-   requests one at a time vs vLLM's own offline `LLM.generate` on the same model and flags,
-   run in the vLLM virtualenv with the server stopped (the limit for that server).
+2. N greedy chat generations: the same token-id prompts sent by a bare `openai` client (no
+   ckpt-watch: all at once, plain completions) vs through the engine (bounded concurrency, one
+   batch) vs the same requests one at a time vs vLLM's own offline `LLM.generate` on the same
+   model and flags, run in the vLLM virtualenv with the server stopped (the limit for that server).
+   engine / bare client is our own overhead; bare client / offline is the server's.
+
+The hardware lines (bench/_hw.py: CPU, ISA flags, cores, load before and after, vLLM version and
+its OpenMP binding as its log reports it, dtype) are printed with the table.
 
 The vLLM interpreter: $CKPT_WATCH_VLLM_PYTHON, else <repo>/.venv-vllm/bin/python. Timings on a
 shared 2-core machine are noisy; the load average is printed with the table.
@@ -24,6 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _hw import hardware_lines
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("CKPT_WATCH_VLLM_PYTHON") or REPO / ".venv-vllm" / "bin" / "python")
@@ -159,7 +167,8 @@ async def run_bench(args: argparse.Namespace, work: Path) -> list[tuple[str, flo
 
         # -- N generations -----------------------------------------------------------------------
         base_handle = await engine.load(Checkpoint.base("bench"))
-        print(f"engine generations (load average {os.getloadavg()[0]:.1f})", flush=True)
+        print(f"bare client, engine generations (load average {os.getloadavg()[0]:.1f})", flush=True)
+        bare_s, bare_tokens = await bare_client(server, engine.served_model, prompts, args.max_tokens)
         t0 = time.perf_counter()
         together = await engine.generate(base_handle, reqs)
         engine_s = time.perf_counter() - t0
@@ -173,16 +182,46 @@ async def run_bench(args: argparse.Namespace, work: Path) -> list[tuple[str, flo
         server.stop()
 
     n = args.requests
-    rows.append((f"{n} generations: engine, concurrent ({tokens} tokens)", engine_s, ""))
+    rows.append((f"{n} generations: bare openai client, concurrent ({bare_tokens} tokens)", bare_s, ""))
+    rows.append((f"{n} generations: engine, concurrent ({tokens} tokens)", engine_s,
+                 f"engine = {engine_s / bare_s:.2f}x bare client"))
     rows.append((f"{n} generations: one at a time", seq_s, f"engine is {seq_s / engine_s:.2f}x faster"))
     rows.append(
         (
             f"{n} generations: vLLM offline LLM.generate ({off['tokens']} tokens)",
             off["seconds"],
-            f"engine = {engine_s / off['seconds']:.2f}x offline",
+            f"bare client = {bare_s / off['seconds']:.2f}x offline, engine = {engine_s / off['seconds']:.2f}x",
         )
     )
     return rows
+
+
+async def bare_client(server: Any, model: str, prompts: list[list[int]], max_tokens: int) -> tuple[float, int]:
+    """The same prompts from a plain AsyncOpenAI client, all in flight at once: what the server
+    gives anyone, without ckpt-watch's request options, semaphore or parsing."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=server.base_url, api_key=server.api_key, timeout=900, max_retries=0)
+    try:
+        t0 = time.perf_counter()
+        resps = await asyncio.gather(*[
+            client.completions.create(model=model, prompt=p, max_tokens=max_tokens, temperature=0.0)
+            for p in prompts
+        ])
+        seconds = time.perf_counter() - t0
+    finally:
+        await client.close()
+    return seconds, sum(r.usage.completion_tokens for r in resps if r.usage)
+
+
+def binding_from_log(log: Path) -> str:
+    """vLLM's own account of its OpenMP binding (the last server start in the log)."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return "unknown"
+    keep = [ln.split("]", 1)[-1].strip() for ln in lines if "core ids=" in ln or "reserved_cpus=" in ln]
+    return "; ".join(keep[-2:]) or "not in the log"
 
 
 def main() -> None:
@@ -200,12 +239,16 @@ def main() -> None:
         return
     if not VLLM_PYTHON.exists():
         sys.exit(f"no vLLM interpreter at {VLLM_PYTHON}: scripts/setup.sh --with-vllm or set CKPT_WATCH_VLLM_PYTHON")
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
         rows = asyncio.run(run_bench(args, Path(tmp)))
-    print(f"\nload average: {os.getloadavg()[0]:.1f} (cores: {os.cpu_count()})")
-    print(f"{'measure':<62} {'seconds':>9}  ratio")
+        binding = binding_from_log(Path(tmp) / "vllm-server.log")
+    print()
+    print("\n".join(hardware_lines(dtype="float32", load_before=load_before, vllm_python=VLLM_PYTHON,
+                                   server_env={"VLLM_CPU_KVCACHE_SPACE": "1"}, binding=binding)))
+    print(f"{'measure':<66} {'seconds':>9}  ratio")
     for name, seconds, ratio in rows:
-        print(f"{name:<62} {seconds:>9.3f}  {ratio}")
+        print(f"{name:<66} {seconds:>9.3f}  {ratio}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,11 @@ Message = dict[str, str]  # {"role": ..., "content": ...}
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    """Sample `n` completions for a chat (`messages`) or a raw token prompt (`prompt_ids`)."""
+    """Sample `n` completions for a chat (`messages`) or a raw token prompt (`prompt_ids`).
+
+    temperature (0 = greedy) and top_p are the only sampling knobs: every engine leaves the others
+    neutral (no top-k, min-p or repetition penalty) and ignores the model's generation_config
+    sampling defaults, so a suite's samples come from the same distribution on every engine."""
 
     messages: list[Message] | None = None
     prompt_ids: list[int] | None = None

@@ -177,17 +177,7 @@ class HFEngine:
         seeds = [r.seed for r in reqs if r.seed is not None]
         if seeds:
             torch.manual_seed(hash(tuple(seeds)) & 0x7FFFFFFF)
-        sample = r0.temperature > 0
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": r0.max_tokens,
-            "do_sample": sample,
-            "num_return_sequences": r0.n,
-            "pad_token_id": pad,
-            "return_dict_in_generate": True,
-            "output_logits": r0.top_logprobs > 0,
-        }
-        if sample:
-            kwargs.update(temperature=r0.temperature, top_p=r0.top_p, top_k=0)
+        kwargs: dict[str, Any] = {"generation_config": generation_config(r0, pad)}
         if r0.stop:
             kwargs.update(stop_strings=list(r0.stop), tokenizer=tok)
         with self._active(handle) as model, torch.inference_mode():
@@ -312,6 +302,43 @@ class HFEngine:
                 input_ids=input_ids.to(dev), attention_mask=attention.to(dev), position_ids=position_ids.to(dev)
             ).logits[:, -1]
             return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
+# Every sampling knob transformers' generate() reads, at its neutral value: generate() fills only the
+# fields a passed GenerationConfig leaves None from the model's generation_config.json, so a model
+# that ships temperature / top_p / repetition_penalty defaults changes nothing here. The vLLM engine
+# sends the same values (engines/vllm.py NEUTRAL_SAMPLING): both sample from one distribution.
+NEUTRAL_GENERATION: dict[str, Any] = {
+    "top_k": 0,
+    "min_p": 0.0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "length_penalty": 1.0,
+    "num_beams": 1,
+}
+
+
+def generation_config(req: GenerateRequest, pad_token_id: int) -> Any:
+    """The GenerationConfig for a request: what it asks for, everything else neutral (greedy when
+    temperature is 0; otherwise pure temperature + top-p sampling)."""
+    from transformers import GenerationConfig
+
+    sample = req.temperature > 0
+    return GenerationConfig(
+        **NEUTRAL_GENERATION,
+        do_sample=sample,
+        temperature=req.temperature if sample else 1.0,
+        top_p=req.top_p if sample else 1.0,
+        max_new_tokens=req.max_tokens,
+        num_return_sequences=req.n,
+        pad_token_id=pad_token_id,
+        return_dict_in_generate=True,
+        output_logits=req.top_logprobs > 0,
+    )
 
 
 def _eos_ids(tok: Any, model: Any) -> set[int]:

@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CONNECT_TIMEOUT = 10.0  # a dead host should fail fast; generation itself may take request_timeout
+# vLLM sampling parameters a request does not otherwise set, at their neutral values (what the
+# HF engine uses too): top-k off, no min-p, no repetition penalty. Sent with every generation.
+NEUTRAL_SAMPLING: dict[str, float | int] = {"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
 class VLLMEngine:
@@ -360,8 +363,12 @@ class VLLMEngine:
             "temperature": req.temperature,
             "top_p": req.top_p,
             "max_tokens": req.max_tokens,
-            # token ids back, and alternatives keyed "token_id:N" instead of ambiguous strings
-            "extra_body": {"return_token_ids": True, "return_tokens_as_token_ids": True},
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
+            # token ids back, and alternatives keyed "token_id:N" instead of ambiguous strings; the
+            # sampler's other knobs explicit, so no server default (a model's generation_config
+            # under --generation-config auto) changes the distribution the suite asked for
+            "extra_body": {"return_token_ids": True, "return_tokens_as_token_ids": True, **NEUTRAL_SAMPLING},
         }
         if req.seed is not None:
             kwargs["seed"] = req.seed
