@@ -42,6 +42,7 @@ def _config(tmp: Path, base: Path, judge) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # with the persona_run fixture's training (setup) it ran past 900 s on a loaded box
 def test_trained_source_persona_across_suites(tmp_path: Path, smollm2_path, persona_run, standin):  # noqa: F811
     r = cli("eval", "-c", str(_config(tmp_path, smollm2_path, standin)), str(persona_run / f"checkpoint-{STEPS}"),
             "--base")

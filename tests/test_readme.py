@@ -192,6 +192,7 @@ def _ckpt_watch() -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.vllm
+@pytest.mark.timeout(1800)  # training + a vLLM server start + evaluations: 655 s on a loaded 2-core box
 def test_readme_demo_with_the_vllm_engine(tmp_path):
     """README's `ckpt-watch demo --engine vllm`, kept short, run from outside the checkout: the
     server starts from the session's vLLM install used as given (not resolved), the daemon's log
