@@ -26,14 +26,12 @@ the outbox's run cache, params and error tags get `ckpt_watch.redact`'s redacted
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import posixpath
 import threading
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -46,7 +44,7 @@ from ckpt_watch.config import MlflowConfig
 from ckpt_watch.core import BASE_STEP, Checkpoint, CheckpointKind, SuiteResult
 from ckpt_watch.redact import redact_text, redact_url
 from ckpt_watch.sinks.jsonfiles import jsonable
-from ckpt_watch.sinks.outbox import METRIC, PARAMS, TABLE, TAG, Outbox, Row
+from ckpt_watch.sinks.outbox import METRIC, PARAMS, TABLE, TAG, FlushReport, Outbox, Row, exclusive_flush
 
 log = logging.getLogger(__name__)
 
@@ -106,40 +104,6 @@ def _is_permanent(exc: Exception) -> bool:
 def _describe(exc: Exception) -> str:
     """One line for logs, the outbox and `last_error`; URLs in it lose their credentials."""
     return redact_text(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")[:_MAX_VALUE]
-
-
-class _FlushFileLock:
-    """An flock on a file beside the outbox, held while one process sends its rows."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.fd = -1
-
-    def acquire(self, deadline: float | None) -> bool:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except BlockingIOError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    os.close(self.fd)
-                    self.fd = -1
-                    return False
-                time.sleep(0.05)
-
-    def release(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-@dataclass(frozen=True)
-class FlushReport:
-    sent: int
-    pending: int
-    failed: int
-    error: str | None = None
 
 
 class MlflowSink:
@@ -249,19 +213,10 @@ class MlflowSink:
     def flush(self, timeout: float | None = None) -> FlushReport:
         """Deliver what is queued, until done or `timeout` seconds. Errors are returned (and kept
         in `last_error`), never raised: the outbox keeps the rows for the next try."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        box = self._box()
-        if not self._flush_lock.acquire(timeout=-1 if timeout is None else timeout):
-            counts = box.counts()
-            return FlushReport(0, counts["pending"], counts["failed"], "a flush is already running")
-        sent, error = 0, None
-        # Another process on this run (a daemon beside `ckpt-watch eval`) shares the outbox: only
-        # one may send at a time, or both could re-send the same attempted-but-unconfirmed row.
-        cross = _FlushFileLock(box.path.with_name(box.path.name + ".flush-lock"))
-        if not cross.acquire(deadline):
-            self._flush_lock.release()
-            counts = box.counts()
-            return FlushReport(0, counts["pending"], counts["failed"], "another process is flushing this outbox")
+        return exclusive_flush(self._box(), self._flush_lock, timeout, self._deliver)
+
+    def _deliver(self, deadline: float | None) -> tuple[int, str | None]:
+        box, sent, error = self._box(), 0, None
         try:
             run_id = self._ensure_run()
             sent += self._send_params(run_id)
@@ -274,12 +229,8 @@ class MlflowSink:
             error = _describe(exc)
             if error != self.last_error:  # once per distinct error, not every flush_seconds
                 log.warning("MLflow flush to %s failed (points stay queued): %s", self.display_uri, error)
-        finally:
-            cross.release()
-            self._flush_lock.release()
         self.last_error = error
-        counts = box.counts()
-        return FlushReport(sent, counts["pending"], counts["failed"], error)
+        return sent, error
 
     # -- internals -----------------------------------------------------------------------------
 

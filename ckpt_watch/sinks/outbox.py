@@ -15,8 +15,12 @@ Delivery protocol (what makes "no point lost, none written twice" hold):
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
+import threading
 import time
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,3 +188,63 @@ class Outbox:
                 conn.execute(
                     "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?)", (tracking_uri, experiment, run_name, run_id)
                 )
+
+
+class FlushFileLock:
+    """An flock on a file beside the outbox, held while one process sends its rows."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = -1
+
+    def acquire(self, deadline: float | None) -> bool:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    os.close(self.fd)
+                    self.fd = -1
+                    return False
+                time.sleep(0.05)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass(frozen=True)
+class FlushReport:
+    sent: int
+    pending: int
+    failed: int
+    error: str | None = None
+
+
+def _report(box: Outbox, sent: int, error: str | None) -> FlushReport:
+    counts = box.counts()
+    return FlushReport(sent, counts["pending"], counts["failed"], error)
+
+
+def exclusive_flush(box: Outbox, lock: threading.Lock, timeout: float | None,
+                    deliver: Callable[[float | None], tuple[int, str | None]]) -> FlushReport:
+    """Run `deliver(deadline) -> (sent, error)` as the only sender of `box`: one thread of this
+    process (`lock`) and one process (an flock beside the outbox — a daemon beside `ckpt-watch
+    eval` shares it, and two senders could re-send the same attempted-but-unconfirmed row)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    if not lock.acquire(timeout=-1 if timeout is None else timeout):
+        return _report(box, 0, "a flush is already running")
+    try:
+        cross = FlushFileLock(box.path.with_name(box.path.name + ".flush-lock"))
+        if not cross.acquire(deadline):
+            return _report(box, 0, "another process is flushing this outbox")
+        try:
+            sent, error = deliver(deadline)
+        finally:
+            cross.release()
+    finally:
+        lock.release()
+    return _report(box, sent, error)

@@ -41,8 +41,8 @@ from typing import Any
 from ckpt_watch.config import WandbConfig
 from ckpt_watch.core import BASE_STEP, Checkpoint, CheckpointKind, SuiteResult
 from ckpt_watch.redact import redact_text
-from ckpt_watch.sinks.mlflow import FlushReport, _FlushFileLock, _timestamp_ms
-from ckpt_watch.sinks.outbox import METRIC, Outbox, Row
+from ckpt_watch.sinks.mlflow import _timestamp_ms
+from ckpt_watch.sinks.outbox import METRIC, FlushReport, Outbox, Row, exclusive_flush
 
 log = logging.getLogger(__name__)
 
@@ -150,17 +150,10 @@ class WandbSink:
     def flush(self, timeout: float | None = None) -> FlushReport:
         """Deliver what is queued, until done or `timeout` seconds. Errors are returned (and kept
         in `last_error`), never raised: the outbox keeps the rows for the next try."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        box = self._box()
-        if not self._flush_lock.acquire(timeout=-1 if timeout is None else timeout):
-            counts = box.counts()
-            return FlushReport(0, counts["pending"], counts["failed"], "a flush is already running")
-        cross = _FlushFileLock(box.path.with_name(box.path.name + ".flush-lock"))
-        if not cross.acquire(deadline):
-            self._flush_lock.release()
-            counts = box.counts()
-            return FlushReport(0, counts["pending"], counts["failed"], "another process is flushing this outbox")
-        sent, error = 0, None
+        return exclusive_flush(self._box(), self._flush_lock, timeout, self._deliver)
+
+    def _deliver(self, deadline: float | None) -> tuple[int, str | None]:
+        box, sent, error = self._box(), 0, None
         try:
             while (rows := box.pending((METRIC,), _BATCH)) and (deadline is None or time.monotonic() < deadline):
                 sent += self._send(rows)
@@ -169,12 +162,8 @@ class WandbSink:
             self._drop_run()  # a run whose init or log failed is not trusted again
             if error != self.last_error:
                 log.warning("W&B delivery failed (points stay queued): %s", error)
-        finally:
-            cross.release()
-            self._flush_lock.release()
         self.last_error = error
-        counts = box.counts()
-        return FlushReport(sent, counts["pending"], counts["failed"], error)
+        return sent, error
 
     # -- internals -----------------------------------------------------------------------------
 
