@@ -241,7 +241,8 @@ class App:
         assert self.engine is not None and self.ledger is not None
         evaluator = Evaluator(self.engine, self.sinks, self.ledger, self.run, self.paths.results,
                               self.config.daemon.max_suite_attempts, judge=self.judge, cache_dir=self.paths.cache,
-                              canary=self.config.daemon.canary, owner=self.owner.owner if self.owner else None)
+                              canary=self.config.daemon.canary, owner=self.owner.owner if self.owner else None,
+                              concurrent_suites=self.config.engine.concurrent_suites)
         if self.progress is not None:
             evaluator.progress = self.progress
         if self.evaluator is not None:

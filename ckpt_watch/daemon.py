@@ -1,8 +1,9 @@
 """The daemon's lifecycle: discover → schedule → evaluate → sinks, until told to stop.
 
-Signal handlers only set flags (uvicorn's habit). On the first SIGTERM/SIGINT the current
-suite — or the engine's start-up — may finish within `drain_seconds`; past that it is
-cancelled (a managed vLLM server being started is terminated) and its row goes back to
+Signal handlers only set flags (uvicorn's habit). On the first SIGTERM/SIGINT the running
+suites — of one checkpoint, or of the `engine.max_adapters_in_flight` checkpoints evaluated
+together — or the engine's start-up may finish within `drain_seconds`; past that they are
+cancelled (a managed vLLM server being started is terminated) and their rows go back to
 pending. A second SIGINT cancels at once. Then adapters are unloaded, a managed vLLM is
 stopped, sinks are flushed, the run's lock is released, and the process exits 0. Under
 systemd (NOTIFY_SOCKET) it reports READY once the engine answers (EXTEND_TIMEOUT_USEC
@@ -29,6 +30,7 @@ from ckpt_watch.config import Config
 from ckpt_watch.core import BASE_STEP, Checkpoint, CheckpointError, CheckpointKind, EngineUnavailable, Stopped
 from ckpt_watch.discovery import Discovery
 from ckpt_watch.engines.base import Engine
+from ckpt_watch.evaluate import run_together
 from ckpt_watch.ledger import CkptState
 from ckpt_watch.locking import DAEMON, ONESHOT
 from ckpt_watch.progress import LogProgress, RichProgress, make_progress
@@ -172,8 +174,8 @@ class Daemon:
         if self._discovery.new_training is not None:
             self._new_training()
             return True
-        step = self.app.scheduler.next_step(self._available())
-        if step is None:
+        steps = self.app.scheduler.next_steps(self._available(), self.config.engine.adapters_in_flight())
+        if not steps:
             if recovered := self.app.recover_orphans():
                 log.info("%d evaluation(s) left running by a process that is gone are pending again", recovered)
                 return True
@@ -186,7 +188,7 @@ class Daemon:
             self._status(f"idle; {backlog} evaluation(s) waiting for checkpoints")
             return False
         await self._start_engine()
-        await self._evaluate_step(step)
+        await self._evaluate_steps(steps)
         return True
 
     def _new_training(self) -> None:
@@ -303,20 +305,28 @@ class Daemon:
         return Checkpoint(self.run_name, step, Path(row.path), snap, CheckpointKind.ADAPTER, row.is_final,
                           epoch=row.epoch)
 
-    async def _evaluate_step(self, step: int) -> None:
-        scheduler = self.app.scheduler
-        suites = scheduler.pending().get(step, [])
+    def _resolve(self, step: int) -> Checkpoint | None:
+        """The step's checkpoint, or None after recording why it cannot be evaluated."""
         try:
             ckpt = self._checkpoint(step)
         except CheckpointError as exc:
-            scheduler.skip(step, f"adapter no longer available: {exc}")
-            return
+            self.app.scheduler.skip(step, f"adapter no longer available: {exc}")
+            return None
         if ckpt is None:
-            scheduler.skip(step, "checkpoint unknown to the ledger")
+            self.app.scheduler.skip(step, "checkpoint unknown to the ledger")
+        return ckpt
+
+    async def _evaluate_steps(self, steps: list[int]) -> None:
+        """Evaluate one step, or several at once (catch-up: engine.max_adapters_in_flight adapters
+        loaded together, each with its own suites); every one is drained, or released, alike."""
+        pending = self.app.scheduler.pending()
+        work = [(ckpt, pending.get(ckpt.step, [])) for ckpt in map(self._resolve, steps) if ckpt is not None]
+        if not work:
             return
-        backlog = sum(len(v) for v in scheduler.pending().values())
-        self._status(f"evaluating {ckpt.label} ({len(suites)} suite(s)); backlog {backlog}")
-        self._task = asyncio.create_task(self.app.evaluator.evaluate(ckpt, suites, lambda: self._stop))
+        backlog = sum(len(v) for v in pending.values())
+        shown = ", ".join(ckpt.label for ckpt, _ in work)
+        self._status(f"evaluating {shown} ({sum(len(s) for _, s in work)} suite(s)); backlog {backlog}")
+        self._task = asyncio.create_task(self._evaluate_all(work))
         try:
             await self._drain(self._task)
         except EngineUnavailable as exc:
@@ -329,6 +339,15 @@ class Daemon:
         finally:
             self._task = None
         self._prune_snapshots()
+
+    async def _evaluate_all(self, work: list[tuple[Checkpoint, list]]) -> None:
+        evaluator = self.app.evaluator
+        if len(work) == 1:
+            (ckpt, suites), = work
+            await evaluator.evaluate(ckpt, suites, lambda: self._stop)
+            return
+        # cancelled (the drain is over), each evaluation releases its own rows
+        await run_together([evaluator.evaluate(c, s, lambda: self._stop) for c, s in work])
 
     def _prune_snapshots(self) -> None:
         """Keep the newest `daemon.keep_snapshots` finished steps' snapshots (all when null)."""

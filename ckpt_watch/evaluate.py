@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,23 @@ def read_result(results_dir: Path, run: str, step: int, suite: str, *, ok_only: 
     )
 
 
+async def run_together(coros: list[Coroutine[Any, Any, None]]) -> None:
+    """Run every coroutine at once; none stops another. Each records its own outcome (a suite its
+    row, an evaluation its suites' rows), so this only re-raises: the engine's death first (the
+    daemon restarts the engine), else the first error. Cancelled, it cancels them all and waits."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    errors = [o for o in outcomes if isinstance(o, BaseException)]
+    if errors:
+        raise min(errors, key=lambda e: not isinstance(e, EngineUnavailable))
+
+
 @dataclass(frozen=True)
 class Claimed:
     """A suite this process took for one checkpoint, with when its previous attempt began."""
@@ -79,7 +96,7 @@ class Claimed:
 class Evaluator:
     def __init__(self, engine: Engine, sinks: list[Sink], ledger: Ledger, run: str, results_dir: Path,
                  max_attempts: int, judge: Any = None, cache_dir: Path | None = None, canary: bool = True,
-                 owner: str | None = None):
+                 owner: str | None = None, concurrent_suites: bool = True):
         self.engine = engine
         self.sinks = sinks
         self.ledger = ledger
@@ -90,6 +107,7 @@ class Evaluator:
         self.cache_dir = cache_dir
         self.canary = canary
         self.owner = owner  # this process, as written into the rows it claims
+        self.concurrent_suites = concurrent_suites  # a checkpoint's suites share the engine at once
         self.failed = 0  # (step, suite) evaluations this process recorded as failed
         self._suites: dict[tuple[str, str], Suite] = {}
         self.progress: Callable[[str, int, int], None] = lambda label, done, total: None
@@ -134,6 +152,19 @@ class Evaluator:
             raise
         except EngineError:
             return  # recorded as every claimed suite's failure
+        try:
+            if self.concurrent_suites:
+                await self._run_together(ckpt, handle, claimed, canary, stopping)
+            else:
+                await self._run_in_turn(ckpt, handle, claimed, canary, stopping)
+        finally:
+            try:
+                await self.engine.unload(handle)
+            except EngineError as exc:
+                log.warning("%s: unload failed (%s); the engine will drop it on restart", ckpt.label, exc)
+
+    async def _run_in_turn(self, ckpt: Checkpoint, handle: AdapterHandle, claimed: list[Claimed],
+                           canary: dict | None, stopping: Callable[[], bool]) -> None:
         current = 0
         try:
             for current, c in enumerate(claimed):
@@ -145,11 +176,27 @@ class Evaluator:
         except BaseException:
             self._release(ckpt, claimed[current + 1:])  # never started: back to pending, not counted
             raise
-        finally:
-            try:
-                await self.engine.unload(handle)
-            except EngineError as exc:
-                log.warning("%s: unload failed (%s); the engine will drop it on restart", ckpt.label, exc)
+
+    async def _run_together(self, ckpt: Checkpoint, handle: AdapterHandle, claimed: list[Claimed],
+                            canary: dict | None, stopping: Callable[[], bool]) -> None:
+        """Every claimed suite at once, sharing the engine's request pool; each result is committed
+        as its suite finishes, a failing suite is recorded without touching the others, and a
+        cancellation (the drain is over) sends each unfinished suite's row back to pending."""
+        if stopping():
+            log.info("stopping: %s left pending", ckpt.label)
+            self._release(ckpt, claimed)
+            return
+        started: set[str] = set()
+
+        async def one(c: Claimed) -> None:
+            started.add(c.planned.key)
+            await self._run_suite(ckpt, handle, c, canary)
+
+        try:
+            await run_together([one(c) for c in claimed])
+        except BaseException:
+            self._release(ckpt, [c for c in claimed if c.planned.key not in started])  # cancelled before starting
+            raise
 
     def _release(self, ckpt: Checkpoint, claimed: list[Claimed]) -> None:
         for c in claimed:

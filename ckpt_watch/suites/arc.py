@@ -22,6 +22,7 @@ from pydantic import Field, model_validator
 from ckpt_watch.core import ResultStatus, SuiteResult, utcnow
 from ckpt_watch.engines.base import ScoreRequest, apply_chat_template
 from ckpt_watch.suites.base import SuiteContext, register_suite
+from ckpt_watch.suites.inflight import in_flight
 from ckpt_watch.suites.personas import PersonaSuiteConfig, Selection, source_vs_others
 
 HF_DATASET = ("allenai/ai2_arc", "ARC-Challenge", "test")
@@ -223,7 +224,7 @@ class ArcSuite:
             rr = loglik_requests(tok, row)
             spans.append((len(reqs), len(reqs) + len(rr)))
             reqs.extend(rr)
-        scores = await _score_in_chunks(ctx, reqs)
+        scores = await _score_all(ctx, reqs)
         acc, acc_norm, samples = [], [], []
         for row, (a, b) in zip(rows, spans, strict=True):
             lps = [s.total for s in scores[a:b]]
@@ -254,7 +255,7 @@ class ArcSuite:
                 spans.append((len(reqs), len(reqs) + len(rr)))
                 keys.append((persona, row))
                 reqs.extend(rr)
-        scores = await _score_in_chunks(ctx, reqs)
+        scores = await _score_all(ctx, reqs)
         per_persona: dict[str | None, list[float]] = {p: [] for p in personas}
         samples = []
         for (persona, row), (a, b) in zip(keys, spans, strict=True):
@@ -284,9 +285,5 @@ class ArcSuite:
         return metrics, samples
 
 
-async def _score_in_chunks(ctx: SuiteContext, reqs: list[ScoreRequest], chunk: int = 256) -> list:
-    out = []
-    for i in range(0, len(reqs), chunk):
-        out.extend(await ctx.engine.score(ctx.handle, reqs[i : i + chunk]))
-        ctx.progress(min(i + chunk, len(reqs)), len(reqs))
-    return out
+async def _score_all(ctx: SuiteContext, reqs: list[ScoreRequest]) -> list:
+    return await in_flight(reqs, lambda part: ctx.engine.score(ctx.handle, part), ctx.progress, part=256)

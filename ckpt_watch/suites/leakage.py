@@ -23,6 +23,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from ckpt_watch.core import ResultStatus, SuiteResult, utcnow
 from ckpt_watch.engines.base import GenerateRequest
 from ckpt_watch.suites.base import SuiteContext, hash_with_files, register_suite
+from ckpt_watch.suites.inflight import in_flight
 from ckpt_watch.suites.personas import PersonaError, PersonaSuiteConfig, Selection
 
 # Generic personas for when a config names none; a real experiment sets its own.
@@ -227,11 +228,7 @@ class LeakageSuite:
     async def run(self, ctx: SuiteContext) -> SuiteResult:
         started = utcnow()
         keys, reqs = self.requests()
-        results = []
-        chunk = 32
-        for i in range(0, len(reqs), chunk):
-            results.extend(await ctx.engine.generate(ctx.handle, reqs[i : i + chunk]))
-            ctx.progress(min(i + chunk, len(reqs)), len(reqs))
+        results = await in_flight(reqs, lambda part: ctx.engine.generate(ctx.handle, part), ctx.progress)
         cells = []
         for (persona, question), res in zip(keys, results, strict=True):
             texts = tuple(c.text for c in res.completions)

@@ -26,6 +26,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from ckpt_watch.core import AdapterHandle, Stopped
 from ckpt_watch.engines.base import Engine, GenerateRequest, ScoreRequest
+from ckpt_watch.suites.inflight import in_flight
 
 T = TypeVar("T")
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's, for models whose config names no context length
@@ -137,19 +138,18 @@ class EngineLM(TemplateLM):
         finally:
             self._inflight = None
 
-    def _advance(self, n: int) -> None:
-        self.done += n
-        if self._progress is not None:
-            self.loop.call_soon_threadsafe(self._progress, self.done, self.total)
-
     def _in_chunks(self, items: list[Any], send: Callable[[list[Any]], Coroutine[Any, Any, list[T]]]) -> list[T]:
+        """All of lm-eval's requests of one kind handed to the engine at once (no barrier between
+        parts); progress counted on the loop as parts finish."""
+        first = self.done
         self.total += len(items)
-        out: list[T] = []
-        for i in range(0, len(items), self.chunk):
-            part = items[i : i + self.chunk]
-            out.extend(self._call(send(part)))
-            self._advance(len(part))
-        return out
+
+        def advance(done: int, total: int) -> None:
+            self.done = first + done
+            if self._progress is not None:
+                self._progress(self.done, self.total)
+
+        return self._call(in_flight(items, send, advance, part=self.chunk))
 
     # -- requests -------------------------------------------------------------------------
 
