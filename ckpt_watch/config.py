@@ -147,12 +147,12 @@ class EngineConfig(_Model):
     max_concurrency: int = Field(default=64, ge=1, description="Requests in flight at once.")
     concurrent_suites: bool = Field(
         default=True,
-        description="A checkpoint's due suites run at once, their requests sharing one pool of max_concurrency; "
-                    "false: one after another.",
+        description="A checkpoint's due suites run at once (vLLM: their requests share one pool of "
+                    "max_concurrency); false, and on a retry: one after another.",
     )
     max_adapters_in_flight: int | None = Field(
         default=None, ge=1,
-        description="Checkpoints evaluated at once when several are due (newest first). Default: "
+        description="Checkpoints the daemon evaluates at once when several are due (in scheduler.order). Default: "
                     "launch.max_loras for a managed vLLM server, 1 attached (set it to the server's --max-loras) "
                     "and for hf.",
     )

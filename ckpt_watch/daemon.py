@@ -320,6 +320,9 @@ class Daemon:
         """Evaluate one step, or several at once (catch-up: engine.max_adapters_in_flight adapters
         loaded together, each with its own suites); every one is drained, or released, alike."""
         pending = self.app.scheduler.pending()
+        retried = [s for s in steps if self.app.evaluator.retried(s, pending.get(s, []))]
+        if len(steps) > 1 and retried:
+            steps = retried[:1]  # alone, suites in turn: what crashed is found without charging the others
         work = [(ckpt, pending.get(ckpt.step, [])) for ckpt in map(self._resolve, steps) if ckpt is not None]
         if not work:
             return
@@ -346,6 +349,9 @@ class Daemon:
             (ckpt, suites), = work
             await evaluator.evaluate(ckpt, suites, lambda: self._stop)
             return
+        prepare = getattr(self.app.engine, "prepare", None)  # vLLM: a guessed LoRA rank grown once, up front
+        if prepare is not None:
+            await prepare([c for c, _ in work])
         # cancelled (the drain is over), each evaluation releases its own rows
         await run_together([evaluator.evaluate(c, s, lambda: self._stop) for c, s in work])
 
@@ -371,7 +377,7 @@ class Daemon:
                     try:
                         await asyncio.wait_for(asyncio.shield(task), timeout=self.config.daemon.drain_seconds)
                     except TimeoutError:
-                        log.warning("drain time (%.0f s) over: the current suite is left pending",
+                        log.warning("drain time (%.0f s) over: the running suites are left pending",
                                     self.config.daemon.drain_seconds)
                         task.cancel()
                         await asyncio.gather(task, return_exceptions=True)

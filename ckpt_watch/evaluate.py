@@ -69,8 +69,9 @@ def read_result(results_dir: Path, run: str, step: int, suite: str, *, ok_only: 
 
 async def run_together(coros: list[Coroutine[Any, Any, None]]) -> None:
     """Run every coroutine at once; none stops another. Each records its own outcome (a suite its
-    row, an evaluation its suites' rows), so this only re-raises: the engine's death first (the
-    daemon restarts the engine), else the first error. Cancelled, it cancels them all and waits."""
+    row, an evaluation its suites' rows), so this only re-raises: a full disk first (the daemon
+    waits for space), then the engine's death (it restarts the engine), else the first error.
+    Cancelled, it cancels them all and waits for them."""
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
@@ -80,8 +81,9 @@ async def run_together(coros: list[Coroutine[Any, Any, None]]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
     errors = [o for o in outcomes if isinstance(o, BaseException)]
-    if errors:
-        raise min(errors, key=lambda e: not isinstance(e, EngineUnavailable))
+    if errors:  # a full disk first (the daemon waits for space, then recovers what was left running)
+        raise min(errors, key=lambda e: 0 if isinstance(e, (OSError, sqlite3.Error)) else
+                  1 if isinstance(e, EngineUnavailable) else 2)
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,12 @@ class Evaluator:
             claimed.append(c)
         return claimed
 
+    def retried(self, step: int, suites: list[PlannedSuite]) -> bool:
+        """Whether an earlier attempt at one of these evaluations ended without a result (the engine
+        died, the process was killed): the daemon then evaluates this step alone."""
+        return any((row := self.ledger.eval_row(*self._key(step, p))) is not None and row.attempts > 0
+                   for p in suites)
+
     # -- evaluate ------------------------------------------------------------------------------
 
     async def evaluate(self, ckpt: Checkpoint, suites: list[PlannedSuite], stopping: Callable[[], bool]) -> None:
@@ -152,8 +160,11 @@ class Evaluator:
             raise
         except EngineError:
             return  # recorded as every claimed suite's failure
+        # a retry runs its suites in turn: when suites ran together, an engine crash or a killed process
+        # charged an attempt to every one of them; one at a time, only the suite that crashes is charged again
+        retry = any(c.previous_attempts > 0 for c in claimed)
         try:
-            if self.concurrent_suites:
+            if self.concurrent_suites and not retry:
                 await self._run_together(ckpt, handle, claimed, canary, stopping)
             else:
                 await self._run_in_turn(ckpt, handle, claimed, canary, stopping)

@@ -147,6 +147,23 @@ def test_cancelled_mid_evaluation_every_unfinished_suite_is_pending_again(tmp_pa
     assert engine._adapters == set()  # unloaded on the way out
 
 
+def test_a_retry_runs_the_suites_in_turn(tmp_path, engine, tiny_run, long_texts):
+    """A process killed mid-step (claimed rows left running, recovered at restart) charged an
+    attempt to every suite that ran together; the retry runs them one after another, so only the
+    one that crashes again is charged again. The daemon also takes such a step alone."""
+    bench = Bench(tmp_path, engine, {"long": {"type": "heldout_loss", "path": str(long_texts)},
+                                     "short": {"type": "heldout_loss"}})
+    suites = bench.plan(4)
+    for p in suites:  # the killed process's claims
+        assert bench.ledger.claim(RUN, 4, p.name, p.hash, owner="gone")
+    bench.ledger.recover([RUN])
+    assert bench.evaluator.retried(4, suites) and not bench.evaluator.retried(2, bench.plan(2))
+    asyncio.run(bench.evaluator.evaluate(_ckpt(tiny_run, 4), suites, lambda: False))
+    first, second = sorted((_span(bench.result(4, n)) for n in ("long", "short")), key=lambda s: s[0])
+    assert second[0] >= first[1]  # in turn
+    assert {bench.state(4, n).attempts for n in ("long", "short")} == {2}
+
+
 def test_stopping_before_the_suites_start_leaves_them_all_pending(tmp_path, engine, tiny_run):
     bench = Bench(tmp_path, engine, {"a": {"type": "heldout_loss"}, "b": {"type": "heldout_loss"}})
     asyncio.run(bench.evaluator.evaluate(_ckpt(tiny_run, 2), bench.plan(2), lambda: True))
@@ -238,3 +255,25 @@ def test_two_adapters_in_flight_on_the_real_server(vllm_engine, vllm_loop, smoll
             assert abs(got["metrics"][k] - v) <= 1e-3, (key, k, got["metrics"][k], v)
     # the two adapters differ, so a mix-up between them would show
     assert results["together"][(10, "loss")]["metrics"]["nll"] != results["together"][(20, "loss")]["metrics"]["nll"]
+
+
+def test_seeded_samples_do_not_depend_on_what_runs_beside_them(engine, tiny_run):
+    """torch's seed is global: seeded sampling on the hf engine must take it under the engine's lock,
+    or batches of suites running together (other threads) draw from each other's seeds."""
+    from ckpt_watch.engines.base import GenerateRequest
+    from ckpt_watch.suites.inflight import in_flight
+
+    reqs = [GenerateRequest(prompt_ids=[1, 450 + i], temperature=1.0, max_tokens=8, seed=1000 + i)
+            for i in range(32)]
+
+    async def main():
+        handle = await engine.load(_ckpt(tiny_run, 2))
+        try:
+            alone = [(await engine.generate(handle, reqs[i : i + 4])) for i in range(0, len(reqs), 4)]
+            together = await in_flight(reqs, lambda part: engine.generate(handle, part), part=4)
+        finally:
+            await engine.unload(handle)
+        return [r for part in alone for r in part], together
+
+    alone, together = asyncio.run(main())
+    assert [r.completions[0].token_ids for r in together] == [r.completions[0].token_ids for r in alone]

@@ -175,12 +175,12 @@ class HFEngine:
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         seeds = [r.seed for r in reqs if r.seed is not None]
-        if seeds:
-            torch.manual_seed(hash(tuple(seeds)) & 0x7FFFFFFF)
         kwargs: dict[str, Any] = {"generation_config": generation_config(r0, pad)}
         if r0.stop:
             kwargs.update(stop_strings=list(r0.stop), tokenizer=tok)
         with self._active(handle) as model, torch.inference_mode():
+            if seeds:  # under the lock: torch's seed is global, and other suites' batches run in other threads
+                torch.manual_seed(hash(tuple(seeds)) & 0x7FFFFFFF)
             dev = self.config.device
             out = model.generate(input_ids=input_ids.to(dev), attention_mask=attention.to(dev), **kwargs)
         seqs = out.sequences[:, width:].cpu()

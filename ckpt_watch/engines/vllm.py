@@ -81,6 +81,7 @@ class VLLMEngine:
         self._eos_ids: set[int] = set()
         self._sem = asyncio.Semaphore(self.econf.max_concurrency)
         self._heal_lock = asyncio.Lock()
+        self._load_lock = asyncio.Lock()
         self.status = "not started"
 
     # -- properties ---------------------------------------------------------------------
@@ -250,8 +251,31 @@ class VLLMEngine:
             return AdapterHandle(checkpoint, None)
         if checkpoint.adapter_dir is None:
             raise EngineError(f"{checkpoint.label}: no adapter snapshot to load")
+        async with self._load_lock:  # checkpoints loaded together: one rank check / server regrowth at a time
+            return await self._load_adapter(checkpoint, Path(checkpoint.adapter_dir))
+
+    async def prepare(self, checkpoints: Sequence[Checkpoint]) -> None:
+        """Before several checkpoints are loaded together: grow a guessed --max-lora-rank once, for
+        the largest of them, so that no load restarts the server under another one's suites."""
+        await self.start()
+        server = self._server
+        if server is None or self.econf.launch is None or self.econf.launch.max_lora_rank is not None:
+            return
+        ranks = []
+        for c in checkpoints:
+            if c.kind is CheckpointKind.BASE or c.adapter_dir is None:
+                continue
+            try:
+                ranks.append(round_lora_rank(adapter_rank(Path(c.adapter_dir))))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # a broken adapter_config.json: its own load fails and records why
+        async with self._load_lock:
+            if ranks and max(ranks) > server.max_lora_rank:
+                await self._grow_lora_rank(max(ranks))
+
+    async def _load_adapter(self, checkpoint: Checkpoint, adapter_dir: Path) -> AdapterHandle:
         name = adapter_name(checkpoint)
-        path = Path(checkpoint.adapter_dir).resolve()
+        path = adapter_dir.resolve()
         if self._adapters.get(name) == path:
             return AdapterHandle(checkpoint, name)  # already registered (e.g. re-registered after a restart)
         server = self._server

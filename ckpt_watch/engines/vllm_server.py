@@ -448,7 +448,7 @@ class ManagedServer:
         cmd += ["--host", LOOPBACK, "--port", str(self.port), "--enable-lora"]
         cmd += ["--max-lora-rank", str(self.max_lora_rank), "--max-loras", str(self.launch.max_loras)]
         cmd += ["--max-logprobs", str(self.max_logprobs)]
-        if self.launch.max_num_batched_tokens and "--max-num-batched-tokens" not in extra:
+        if self.launch.max_num_batched_tokens and not flag_values(extra, "--max-num-batched-tokens"):
             cmd += ["--max-num-batched-tokens", str(self.launch.max_num_batched_tokens)]
         if self.dtype != "auto" and "--dtype" not in extra:
             cmd += ["--dtype", self.dtype]

@@ -17,6 +17,7 @@ has this suite.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import json
 import re
@@ -170,12 +171,17 @@ class LmEvalSuite:
         loop = asyncio.get_running_loop()
         lm = EngineLM(ctx.engine, ctx.handle, loop, chunk=self.config.batch_size,
                       max_length=self.config.max_length, progress=ctx.progress)
-        work = asyncio.ensure_future(asyncio.to_thread(self.evaluate, lm))
+        # its own thread, not the loop's default pool: the worker blocks on engine calls that need
+        # that pool (the hf engine's forward passes), so several lm_eval suites at once could starve it
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lm_eval-{self.name}")
+        work = loop.run_in_executor(pool, self.evaluate, lm)
         try:
             out = await asyncio.shield(work)
         except asyncio.CancelledError:
             lm.stop()  # the worker thread ends at its next engine call
             raise
+        finally:
+            pool.shutdown(wait=False)
         metrics, samples, info = out
         return SuiteResult(suite=self.name, step=ctx.checkpoint.step, status=ResultStatus.OK, metrics=metrics,
                            samples=samples, n_scored=int(metrics.get("n", len(samples))), started_at=started,
