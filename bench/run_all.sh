@@ -19,12 +19,14 @@ if [ "$QUICK" = "--quick" ]; then
   run "$PY" bench/bench_freshness.py --n 2 --arc-n 5
   run "$PY" bench/bench_arc_vs_lmeval.py --n 50
   run "$PY" bench/bench_trainer_pause.py --steps 4 --save-steps 2 --arc-n 5
+  run "$PY" bench/bench_root.py --checkpoints 2 --arc-n 5
 else
   run "$PY" bench/bench_footprint.py
   run "$PY" bench/bench_discovery.py
   run "$PY" bench/bench_freshness.py
   run "$PY" bench/bench_arc_vs_lmeval.py
   run "$PY" bench/bench_trainer_pause.py --repeats 2
+  run "$PY" bench/bench_root.py --repeats 2
 fi
 if [ -f bench/bench_engine.py ]; then
   run "$PY" bench/bench_engine.py

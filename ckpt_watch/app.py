@@ -72,6 +72,15 @@ def judge_for(config: Config, paths: Paths, method: str | None = None) -> Any:
     return build_judge(config.judge, paths.cache / "judge", method=method)
 
 
+def build_engine(config: Config, paths: Paths, factory: Callable[[Config, Path], Engine] | None = None) -> Engine:
+    """The engine the config asks for (not started); `factory` replaces the choice (tests, benches)."""
+    if factory is not None:
+        return factory(config, paths.results)
+    from ckpt_watch.engines.factory import make_engine
+
+    return make_engine(config, paths.results)
+
+
 def run_params(config: Config) -> dict[str, str]:
     """Run-level params for the sinks; a value holding a URL with credentials is redacted."""
     params = {"engine": config.engine.kind, "base_model": redact_text(config.base_model)}
@@ -86,8 +95,9 @@ def run_params(config: Config) -> dict[str, str]:
 
 
 class App:
-    """`App(config, mode)`; `await open(stopping)`; `switch_run(run)`; `await start_engine()`;
-    `await close()`. `run` is the current training run's name; `failed` counts (step, suite)
+    """`App(config, mode)`; `await open(stopping)`; `switch_run(run)`; `await start_engine()` (or
+    `adopt(engine, judge)`: one engine shared by the runs of a `watch.root`, closed by whoever made
+    it); `await close()`. `run` is the current training run's name; `failed` counts (step, suite)
     evaluations this process recorded as failed."""
 
     def __init__(self, config: Config, *, mode: str, base_run: str | None = None,
@@ -108,6 +118,7 @@ class App:
         self.evaluator: Evaluator | None = None
         self.progress: Callable[[str, int, int], None] | None = None
         self.judge_method: str | None = None
+        self.owns_engine = True  # False once adopt()ed: the engine and judge are closed by their maker
 
     @property
     def guest(self) -> bool:
@@ -116,11 +127,14 @@ class App:
 
     # -- opening -----------------------------------------------------------------------------
 
-    async def open(self, stopping: Callable[[], bool] = lambda: False) -> None:
+    async def open(self, stopping: Callable[[], bool] = lambda: False, *, wait: bool = True) -> None:
         """Raises LockHeld (another daemon evaluates this run) or ConfigError (e.g. a judge whose
-        scoring method cannot be decided): both mean exit 2, before anything is evaluated."""
-        await self._resolve_judge()
-        await self._take_lock(stopping)
+        scoring method cannot be decided): both mean exit 2, before anything is evaluated. With
+        wait=False a daemon does not wait for a one-shot holder either (LockHeld at once). A preset
+        `judge_method` (the daemon's other runs decided it) is not detected again."""
+        if self.judge_method is None:
+            await self._resolve_judge()
+        await self._take_lock(stopping, wait)
         self.owner = OwnerMark.acquire(self.paths.results)
         self.ledger = Ledger(self.paths.ledger)
         self.run = self.ledger.current_run(self.base_run)
@@ -151,7 +165,7 @@ class App:
             log.warning("judge not reachable at start-up (%s); its scoring method is decided at the first "
                         "judgement", exc)
 
-    async def _take_lock(self, stopping: Callable[[], bool]) -> None:
+    async def _take_lock(self, stopping: Callable[[], bool], wait: bool = True) -> None:
         mode = DAEMON if self.mode == DAEMON else ONESHOT
         waited = False
         for attempt in range(10**9):
@@ -168,7 +182,7 @@ class App:
                     return
                 if stopping():
                     raise Stopped() from None
-                if held.by_daemon:
+                if held.by_daemon or not wait:
                     raise
                 if not waited:
                     log.info("%s: waiting for it to finish", held)
@@ -224,16 +238,18 @@ class App:
         if self.evaluator is not None:
             return self.evaluator
         if self.engine is None:
-            if self._engine_factory is not None:
-                self.engine = self._engine_factory(self.config, self.paths.results)
-            else:
-                from ckpt_watch.engines.factory import make_engine
-
-                self.engine = make_engine(self.config, self.paths.results)
+            self.engine = build_engine(self.config, self.paths, self._engine_factory)
         log.info("starting the %s engine for %s", self.engine.name, self.config.base_model)
         await self.engine.start()
         if self.judge is None:
             self.judge = judge_for(self.config, self.paths, self.judge_method)
+        self.evaluator = self._make_evaluator()
+        return self.evaluator
+
+    def adopt(self, engine: Engine, judge: Any) -> Evaluator:
+        """Use an engine (and judge) started by someone else — the daemon's one engine for every run
+        of a watch.root; close() leaves both to their maker."""
+        self.engine, self.judge, self.owns_engine = engine, judge, False
         self.evaluator = self._make_evaluator()
         return self.evaluator
 
@@ -267,11 +283,11 @@ class App:
     async def close(self) -> None:
         """Judge, engine (a managed server is stopped), sinks, ledger, locks — each even if one before failed."""
         try:
-            if self.judge is not None:
+            if self.judge is not None and self.owns_engine:
                 await self.judge.aclose()
         finally:
             try:
-                if self.engine is not None:
+                if self.engine is not None and self.owns_engine:
                     await self.engine.close()
             finally:
                 self._close_sinks()

@@ -81,16 +81,17 @@ def scan(watch_dir: Path, layout: Layout) -> dict[int, Path]:
     return found
 
 
-def child_of(watch_dir: Path, path: str) -> str | None:
-    """Name of the folder directly under watch_dir that `path` lies in (for events)."""
+def child_of(watch_dir: Path, path: str, depth: int = 1) -> str | None:
+    """Name of the folder directly under watch_dir that `path` lies in (for events); with depth 2,
+    `run/checkpoint-N` for a root of runs (or just `run` for the run folder itself)."""
     try:
         rel = os.path.relpath(path, watch_dir)
     except ValueError:
         return None
     if rel.startswith(".."):
         return None
-    head = rel.split(os.sep, 1)[0]
-    return None if head in (".", "") else head
+    parts = rel.split(os.sep)[:depth]
+    return None if parts[0] in (".", "") else "/".join(parts)
 
 
 class Readiness(enum.StrEnum):

@@ -105,6 +105,9 @@ def run(
     watch: Annotated[
         Path | None, typer.Option("--watch", "-w", help="Trainer output dir (overrides watch.dir).")
     ] = None,
+    root: Annotated[
+        Path | None, typer.Option("--root", help="A folder of runs, one per subfolder (overrides watch.root).")
+    ] = None,
     once: Annotated[bool, typer.Option("--once", help="Evaluate what is due now, then exit.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Redo evaluations already done.")] = False,
     exit_after_final: Annotated[bool, typer.Option(
@@ -115,9 +118,18 @@ def run(
 ) -> None:
     """Watch a trainer's output dir and evaluate each checkpoint as it lands."""
     setup_logging(verbose)
-    cfg = _load(config, {"watch.dir": str(watch)} if watch else None)
-    if cfg.watch.dir is None:
-        print_config_errors(ConfigError([("watch.dir", "no watch directory: set watch.dir or pass --watch")]))
+    if watch and root:
+        print_config_errors(ConfigError([("--root", "give --watch (one run) or --root (a folder of runs), not both")]))
+        raise typer.Exit(2)
+    overrides: dict[str, Any] = {}
+    if watch:  # either one replaces both of the config's
+        overrides = {"watch.dir": str(watch), "watch.root": None}
+    elif root:
+        overrides = {"watch.root": str(root), "watch.dir": None}
+    cfg = _load(config, overrides)
+    if cfg.watch.dir is None and cfg.watch.root is None:
+        print_config_errors(ConfigError([("watch.dir", "no watch directory: set watch.dir (or watch.root), "
+                                                       "or pass --watch (or --root)")]))
         raise typer.Exit(2)
     _check_engine(cfg)
     from ckpt_watch.core import EngineError

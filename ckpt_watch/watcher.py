@@ -67,9 +67,10 @@ _READ_ONLY_EVENTS = frozenset({"opened", "closed_no_write"})
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, root: Path, notify: Callable[[str | None], None]):
+    def __init__(self, root: Path, notify: Callable[[str | None], None], depth: int = 1):
         self.root = str(root)
         self.notify = notify
+        self.depth = depth
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         # our own reads of trainer_state.json raise open/close events: reacting to them
@@ -78,20 +79,22 @@ class _Handler(FileSystemEventHandler):
             return
         for p in (event.src_path, getattr(event, "dest_path", "") or ""):
             if p:
-                self.notify(child_of(Path(self.root), os.fsdecode(p)))
+                self.notify(child_of(Path(self.root), os.fsdecode(p), self.depth))
 
 
 class Watcher:
     """Runs a watchdog observer on the watch dir, waiting for the dir to exist first.
 
     `notify(name)` is called from watchdog's thread with the top-level folder touched
-    (or None when the whole dir should be rescanned); it must be cheap and thread-safe.
+    (or None when the whole dir should be rescanned); it must be cheap and thread-safe. With
+    depth 2 (a root of runs) the name is `run/folder`, or `run` for the run folder itself.
     """
 
-    def __init__(self, watch_dir: Path, config: WatchConfig, notify: Callable[[str | None], None]):
+    def __init__(self, watch_dir: Path, config: WatchConfig, notify: Callable[[str | None], None], depth: int = 1):
         self.watch_dir = watch_dir
         self.config = config
         self.notify = notify
+        self.depth = depth
         self.polling, self.reason = use_polling(config, watch_dir)
         self._observer = None
         self._stop = threading.Event()
@@ -109,7 +112,7 @@ class Watcher:
                     return
             self.notify(None)
         observer = PollingObserver(timeout=self.config.poll_interval) if self.polling else Observer()
-        observer.schedule(_Handler(self.watch_dir, self.notify), str(self.watch_dir), recursive=True)
+        observer.schedule(_Handler(self.watch_dir, self.notify, self.depth), str(self.watch_dir), recursive=True)
         observer.start()
         self._observer = observer
         log.info("watching %s with %s (%s)", self.watch_dir, "polling" if self.polling else "native events",

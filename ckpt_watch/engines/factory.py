@@ -13,6 +13,6 @@ def make_engine(config: Config, results_dir: Path | None = None) -> Engine:
         from ckpt_watch.engines.hf import HFEngine
 
         return HFEngine(config.base_model, config.engine)
-    from ckpt_watch.engines.vllm import VLLMEngine
+    from ckpt_watch.engines.replicas import make_vllm_engine  # one server: a plain VLLMEngine
 
-    return VLLMEngine(config, results_dir=results_dir)
+    return make_vllm_engine(config, results_dir=results_dir)

@@ -64,15 +64,18 @@ class VLLMEngine:
         *,
         server: ManagedServer | None = None,
         adapter_hints: Sequence[Path] = (),
+        log_name: str = "vllm-server.log",
     ):
         """`server`: an already built ManagedServer to use (and not stop on close); `adapter_hints`:
-        adapters whose r sizes --max-lora-rank when this engine launches the server itself."""
+        adapters whose r sizes --max-lora-rank when this engine launches the server itself; `log_name`:
+        that server's log in results_dir (its pidfile beside it)."""
         self.config = config
         self.econf = config.engine
         self.results_dir = Path(results_dir) if results_dir is not None else Path(config.results_dir)
         self._server = server
         self._owns_server = server is None
         self._adapter_hints = [Path(p) for p in adapter_hints]
+        self._log_name = log_name
         self._client: openai.AsyncOpenAI | None = None
         self._tokenizer: Any = None
         self._base_path = ""
@@ -109,6 +112,11 @@ class VLLMEngine:
     def loaded_adapters(self) -> dict[str, Path]:
         return dict(self._adapters)
 
+    def forget(self, name: str) -> None:
+        """Stop tracking an adapter without asking the server (it died, or the adapter moved to
+        another server): a restart of this engine's server does not re-register it."""
+        self._adapters.pop(name, None)
+
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -120,7 +128,7 @@ class VLLMEngine:
             self._eos_ids = _eos_ids(self._tokenizer, Path(self._base_path))
         if self.econf.launch is not None:
             if self._server is None:
-                log_path = self.results_dir / "vllm-server.log"
+                log_path = self.results_dir / self._log_name
                 self._server = ManagedServer.from_config(self.config, self._base_path, log_path, self._rank_hints())
             if not self._server.alive():
                 self.status = f"starting vLLM server (log {self._server.log_path})"
@@ -144,6 +152,8 @@ class VLLMEngine:
         if self.config.watch.dir is not None and Path(self.config.watch.dir).is_dir():
             # the trainer's existing checkpoints tell the r of the ones still to come
             hints += [p.parent for p in Path(self.config.watch.dir).glob("*/adapter_config.json")]
+        if self.config.watch.root is not None and Path(self.config.watch.root).is_dir():
+            hints += [p.parent for p in Path(self.config.watch.root).glob("*/*/adapter_config.json")]  # every run's
         return hints
 
     def _make_client(self) -> openai.AsyncOpenAI:

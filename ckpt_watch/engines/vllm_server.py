@@ -450,6 +450,12 @@ class ManagedServer:
         cmd += ["--max-logprobs", str(self.max_logprobs)]
         if self.launch.max_num_batched_tokens and not flag_values(extra, "--max-num-batched-tokens"):
             cmd += ["--max-num-batched-tokens", str(self.launch.max_num_batched_tokens)]
+        if self.launch.data_parallel_size:
+            cmd += ["--data-parallel-size", str(self.launch.data_parallel_size)]
+            if not flag_values(extra, "--api-server-count"):
+                # `vllm serve` defaults to one API process per rank, each with its own runtime-LoRA
+                # registry: an adapter loaded through one would be unknown to the others
+                cmd += ["--api-server-count", "1"]
         if self.dtype != "auto" and "--dtype" not in extra:
             cmd += ["--dtype", self.dtype]
         if self.target_modules:

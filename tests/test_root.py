@@ -1,0 +1,200 @@
+"""`watch.root`: one daemon, one engine, every run of a folder of runs (issue 17.1).
+
+Real parts: the tiny-Llama LoRA checkpoints of a real HF Trainer run (`tiny_run`) copied into
+several run folders, or three real trainings started at different times; the HF engine; the
+JSON results, the SQLite ledger and a real MLflow store; `ckpt-watch status` and `report`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ckpt_watch.config import default_run_name
+from tests.conftest import run_trainer
+from tests.faults.harness import DaemonProc, ledger_rows, mlflow_duplicates, mlflow_points, wait_until
+
+SUITES = "suites:\n  heldout_loss: {max_texts: 2}\n"
+
+
+def root_config(tmp: Path, base: Path, root: Path, *, extra: str = "") -> Path:
+    cfg = tmp / "cfg.yaml"
+    cfg.write_text(f"""
+base_model: {base}
+results_dir: {tmp / "results"}
+watch: {{root: {root}, settle_seconds: 0.3, rescan_seconds: 2, poll_interval: 0.5}}
+engine: {{kind: hf}}
+{SUITES}
+mlflow: {{enabled: true, tracking_uri: 'sqlite:///{tmp / "mlflow.db"}', experiment: root, flush_seconds: 0.5}}
+daemon: {{drain_seconds: 30}}
+{extra}
+""")
+    return cfg
+
+
+def copy_run(src: Path, dest: Path, steps: tuple[int, ...] = (2, 4, 6)) -> Path:
+    dest.mkdir(parents=True)
+    for step in steps:
+        shutil.copytree(src / f"checkpoint-{step}", dest / f"checkpoint-{step}")
+    return dest
+
+
+def done_evals(results: Path) -> list[tuple[str, int, str]]:
+    return sorted(ledger_rows(results, "SELECT run, step, suite FROM evals WHERE state='done'"))
+
+
+def evaluation_order(results: Path, runs: list[str]) -> list[tuple[str, str, str, int]]:
+    """(started_at, finished_at, run, step) of every result written, in the order evaluations began."""
+    out = []
+    for run in runs:
+        for path in (results / run).glob("step-*/heldout_loss.json"):
+            data = json.loads(path.read_text())
+            assert data["status"] == "ok", data.get("error")
+            out.append((data["started_at"], data["finished_at"], data["run"], data["step"]))
+    return sorted(out)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ckpt_watch", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_root_once_round_robin_refuses_another_base(tmp_path: Path, tiny_run: Path, tiny_base: Path) -> None:
+    """Three finished runs and one trained on another base model, `run --once --root`: each run's
+    checkpoints exactly once, taken round-robin (a, b, c, a, b, c…; newest first within a run), one
+    MLflow run each; the fourth run refused with the reason `status` shows; hidden folders ignored."""
+    root = tmp_path / "sweep"
+    folders = [copy_run(tiny_run, root / name) for name in ("lr-1e-3", "lr-2e-3", "lr-5e-3")]
+    other = copy_run(tiny_run, root / "other-base", steps=(2,))
+    adapter_cfg = other / "checkpoint-2" / "adapter_config.json"
+    data = json.loads(adapter_cfg.read_text())
+    data["base_model_name_or_path"] = "meta-llama/Llama-3.1-8B"  # stands for a run of another base model
+    adapter_cfg.write_text(json.dumps(data))
+    (root / ".cache").mkdir()
+    shutil.copytree(tiny_run / "checkpoint-2", root / ".cache" / "checkpoint-2")
+    (root / "notes").mkdir()  # no checkpoint: not a run
+    cfg = root_config(tmp_path, tiny_base, root)
+    results = tmp_path / "results"
+
+    r = cli("run", "-c", str(cfg), "--once")
+    assert r.returncode == 0, r.stderr[-3000:]
+    names = [default_run_name(f) for f in folders]
+    assert done_evals(results) == sorted((n, s, "heldout_loss") for n in names for s in (0, 2, 4, 6))
+    order = [(run, step) for _, _, run, step in evaluation_order(results, names)]
+    assert order == [(n, s) for s in (0, 6, 4, 2) for n in names], order  # round-robin, newest first
+    for n in names:
+        points = mlflow_points(f"sqlite:///{tmp_path / 'mlflow.db'}", "root", n)
+        assert sorted(s for s, _, _ in points["heldout_loss/nll"]) == [0, 2, 4, 6]
+        assert mlflow_duplicates(points) == 0
+    assert "meta-llama/Llama-3.1-8B" in r.stderr and "not evaluated" in r.stderr
+
+    status = cli("status", "-c", str(cfg), "--json")
+    assert status.returncode == 0, status.stderr
+    runs = {run["run"]: run for run in json.loads(status.stdout)["runs"]}
+    refused = default_run_name(other)
+    assert set(runs) == {*names, refused}
+    assert [c["state"] for c in runs[refused]["checkpoints"]["not_ready"]] == ["failed"]
+    assert "Llama-3.1-8B" in runs[refused]["checkpoints"]["not_ready"][0]["error"]
+    assert all(runs[n]["checkpoints"]["counts"]["ready"] == 3 and runs[n]["backlog"]["pending"] == 0 for n in names)
+
+    report = cli("report", "--results", str(results), "--out", str(tmp_path / "report"))
+    assert report.returncode == 0, report.stderr
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert all(n in page for n in names)
+
+    again = cli("run", "-c", str(cfg), "--once")  # nothing due: nothing evaluated twice
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert len(done_evals(results)) == 12
+
+
+def test_root_config_errors(tmp_path: Path) -> None:
+    both = tmp_path / "both.yaml"
+    both.write_text(f"base_model: x\nwatch: {{dir: {tmp_path}, root: {tmp_path}}}\n{SUITES}")
+    r = cli("validate", str(both))
+    assert r.returncode == 2 and "not both" in r.stderr
+    named = tmp_path / "named.yaml"
+    named.write_text(f"base_model: x\nrun_name: r1\nwatch: {{root: {tmp_path}}}\n{SUITES}")
+    r = cli("validate", str(named))
+    assert r.returncode == 2 and "run_name" in r.stderr
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(f"base_model: x\n{SUITES}")
+    r = cli("run", "-c", str(plain), "--watch", str(tmp_path), "--root", str(tmp_path), "--once")
+    assert r.returncode == 2 and "not both" in r.stderr
+
+
+@pytest.mark.slow
+def test_three_trainings_one_daemon(tmp_path: Path, tiny_base: Path) -> None:
+    """Three real trainings (the demo trainer on the tiny Llama) started at different times under one
+    root, one live daemon with one HF engine: every checkpoint of every run evaluated exactly once,
+    no run waits for another to finish, one MLflow run per training run."""
+    root = tmp_path / "sweep"
+    root.mkdir()
+    cfg = root_config(tmp_path, tiny_base, root)
+    results = tmp_path / "results"
+    trainers = []
+    started = time.monotonic()
+    with DaemonProc(cfg, "--root", str(root)) as daemon:
+        for i, (name, lr) in enumerate((("run-a", 1e-3), ("run-b", 2e-3), ("run-c", 5e-3))):
+            if i:
+                time.sleep(8)  # started at different times
+            trainers.append(run_trainer(root / name, max_steps=8, save_steps=2, step_sleep=1.5, lr=lr,
+                                        background=True))
+        for t in trainers:
+            out, _ = t.communicate(timeout=900)
+            assert t.returncode == 0, out[-3000:]
+        names = [default_run_name(root / n) for n in ("run-a", "run-b", "run-c")]
+        want = sorted((n, s, "heldout_loss") for n in names for s in (0, 2, 4, 6, 8))
+        wait_until(lambda: done_evals(results) == want, 600, "every checkpoint of every run evaluated", daemon)
+        assert daemon.stop() == 0
+    wall = time.monotonic() - started
+    rows = ledger_rows(results, "SELECT run, step, suite, state, attempts FROM evals")
+    assert sorted(rows) == [(n, s, "heldout_loss", "done", 1) for n, s, _ in want]
+    order = evaluation_order(results, names)
+    assert len(order) == 15 and len({(r, s) for *_, r, s in order}) == 15  # each result written once
+    # no run waits for another: each later run's first checkpoint is evaluated before the earlier
+    # runs' last one (their trainings overlap)
+    first = {n: min(t for t, _, r, s in order if r == n and s > 0) for n in names}
+    last = {n: max(t for t, _, r, s in order if r == n) for n in names}
+    assert first[names[1]] < last[names[0]] and first[names[2]] < last[names[1]], order
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    dups = 0
+    for n in names:
+        points = mlflow_points(uri, "root", n)
+        assert sorted(s for s, _, _ in points["heldout_loss/nll"]) == [0, 2, 4, 6, 8]
+        dups += mlflow_duplicates(points)
+    assert dups == 0
+    print(f"ROOT FIGURES: runs 3, checkpoints {len(order) - 3} (+3 base), evaluations {len(rows)}, "
+          f"duplicates {dups} (ledger, JSON, MLflow), wall {wall:.0f} s")
+
+
+class _Due:
+    """A run's due steps, newest first (what RunWatch.next_steps returns): pure scheduling logic."""
+
+    def __init__(self, steps: list[int]):
+        self.steps = steps
+
+    def next_steps(self, k: int) -> list[int]:
+        return self.steps[:k]
+
+
+def test_work_is_taken_round_robin_across_runs(tmp_path: Path) -> None:
+    from ckpt_watch.config import parse_config
+    from ckpt_watch.daemon import Daemon
+
+    config = parse_config({"base_model": "x", "results_dir": str(tmp_path), "watch": {"root": str(tmp_path)},
+                           "engine": {"kind": "vllm", "url": "http://127.0.0.1:9/v1", "max_adapters_in_flight": 4},
+                           "suites": {"heldout_loss": {}}})
+    daemon = Daemon(config)
+    a, b, c = _Due([30, 20, 10]), _Due([]), _Due([7, 5])
+    daemon.runs = [a, b, c]
+    work = daemon._next_work()
+    assert [(daemon.runs.index(r), s) for r, s in work] == [(0, 30), (2, 7), (0, 20), (2, 5)]
+    a.steps, c.steps = [10], [3]
+    b.steps = [9]
+    # the next turn starts after the run served first last time (a): b, c, then a
+    assert [(daemon.runs.index(r), s) for r, s in daemon._next_work()] == [(1, 9), (2, 3), (0, 10)]
