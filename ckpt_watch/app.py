@@ -202,6 +202,10 @@ class App:
                 log.warning("training run '%s' is logged to its own MLflow run, not to the attached run %s "
                             "(two trainings never share one run)", run, sink.attach_run_id)
                 sink.attach_run_id = None
+            elif self.config.watch.root is not None and getattr(sink, "attach_run_id", None):
+                log.warning("run '%s' of watch.root is logged to its own run, not to the attached run %s from "
+                            "the environment (the runs of a root never share one)", run, sink.attach_run_id)
+                sink.attach_run_id = None
             sink.start(run, {**run_params(self.config), "training_run": run, "watched_run": self.base_run})
         if self.engine is not None:
             self.evaluator = self._make_evaluator()
@@ -245,6 +249,11 @@ class App:
             self.judge = judge_for(self.config, self.paths, self.judge_method)
         self.evaluator = self._make_evaluator()
         return self.evaluator
+
+    def use_engine(self, engine: Engine) -> None:
+        """Someone else's engine, not started yet: shown by the heartbeat while it starts, closed by
+        its maker."""
+        self.engine, self.owns_engine = engine, False
 
     def adopt(self, engine: Engine, judge: Any) -> Evaluator:
         """Use an engine (and judge) started by someone else — the daemon's one engine for every run

@@ -481,6 +481,10 @@ class Config(_Model):
         if self.watch.root is not None and self.run_name:
             raise ValueError("run_name names one run; with watch.root every subfolder is a run named after "
                              "its folder: remove run_name")
+        for sink in ("mlflow", "wandb"):
+            if self.watch.root is not None and getattr(self, sink).run_id:
+                raise ValueError(f"{sink}.run_id attaches to one run; with watch.root every run gets its own: "
+                                 "remove it")
         return self
 
     @model_validator(mode="after")

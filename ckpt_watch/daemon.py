@@ -39,9 +39,9 @@ from ckpt_watch.core import Checkpoint, EngineUnavailable, Stopped
 from ckpt_watch.engines.base import Engine
 from ckpt_watch.evaluate import run_together
 from ckpt_watch.ledger import CkptState, Ledger
-from ckpt_watch.locking import DAEMON, ONESHOT, LockHeld
+from ckpt_watch.locking import DAEMON, ONESHOT, LockHeld, RunLock
 from ckpt_watch.progress import LogProgress, RichProgress, make_progress
-from ckpt_watch.runwatch import RunWatch, base_mismatch, find_runs, run_name_of
+from ckpt_watch.runwatch import NotYetKnown, RunWatch, base_mismatch, find_runs, run_name_of
 from ckpt_watch.scheduler import PlannedSuite
 from ckpt_watch.status import HEARTBEAT_SECONDS
 from ckpt_watch.watcher import Watcher
@@ -140,7 +140,7 @@ class Daemon:
     def _exit_code(self) -> int:
         if not (self.once or self._finished):
             return 0
-        failed = sum(run.app.failed for run in self.runs)
+        failed = sum(run.app.failed for run in [*self.runs, *self._closing])
         log.info("run %s: %s", "--once" if self.once else "--exit-after-final",
                  f"{failed} evaluation(s) failed" if failed else "all due evaluations succeeded")
         return 1 if failed else 0
@@ -167,17 +167,24 @@ class Daemon:
         self._by_folder[folder.name] = run
         if self._engine_ready:
             run.adopt(self.engine, self.judge, self._progress)
+        elif self.engine is not None:
+            run.app.use_engine(self.engine)
         return run
 
     async def _find_runs(self) -> None:
         """A root's rescan: every subfolder with a checkpoint becomes a run (once); one whose adapters
         name another base model, or that another daemon evaluates, is refused with the reason."""
         self._root_rescan, self._last_root_scan = False, time.monotonic()
-        known = {run.watch_dir for run in self.runs}
-        for folder in find_runs(self.root, Layout(self.config.watch)):
+        known = {run.watch_dir for run in [*self.runs, *self._closing]}
+        layout = Layout(self.config.watch)
+        for folder in find_runs(self.root, layout):
             if folder in known or self._stop:
                 continue
-            if why := base_mismatch(folder, Layout(self.config.watch), self._served()):
+            try:
+                why = base_mismatch(folder, layout, self._served())
+            except NotYetKnown:
+                continue  # its adapter configs are still being written: the next rescan looks again
+            if why:
                 self._refuse(folder, why)
                 continue
             try:
@@ -197,15 +204,27 @@ class Daemon:
         return names
 
     def _refuse(self, folder: Path, why: str, *, record: bool = True) -> None:
+        """Log why a root's subfolder is not served; record it on its checkpoints (for `status`) under
+        the run's lock, so a daemon that serves that base model on the same results dir is never
+        overwritten (its lock held: nothing recorded; its rows: left as they are)."""
         if self._refused.get(folder) != why:
             log.error("%s", why)
             self._refused[folder] = why
-        if record and self._root_ledger is not None:
-            name = self._root_ledger.current_run(run_name_of(folder))
+        if not record or self._root_ledger is None:
+            return
+        base_run = run_name_of(folder)
+        try:
+            lock = RunLock.acquire(self.paths.results, base_run, self.mode)
+        except LockHeld:
+            return  # another process evaluates it
+        try:
+            name = self._root_ledger.current_run(base_run)
             for step, path in sorted(scan(folder, Layout(self.config.watch)).items()):
                 row = self._root_ledger.checkpoint(name, step)
-                if row is None or row.error != why:
+                if row is None or (row.state is not CkptState.READY and row.error != why):
                     self._root_ledger.set_checkpoint(name, step, CkptState.FAILED, path=str(path), error=why)
+        finally:
+            lock.release()
 
     def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
         def hint(rel: str | None) -> None:  # the watcher thread: O(1)
@@ -215,7 +234,7 @@ class Daemon:
             else:
                 folder, _, child = (rel or "").partition("/")
                 run = self._by_folder.get(folder) if folder else None
-                if run is None:
+                if run is None and self.root / folder not in self._refused:  # refused: periodic rescans only
                     self._root_rescan = True
                 elif run.discovery is not None:
                     run.discovery.hint(child or None)
@@ -260,10 +279,13 @@ class Daemon:
             waits.append(self._last_root_scan + self.config.watch.rescan_seconds - time.monotonic())
         return max(0.05, min(waits, default=self.config.watch.rescan_seconds))
 
+    def _root_due(self) -> bool:
+        return self.root is not None and (
+            self._root_rescan or time.monotonic() - self._last_root_scan >= self.config.watch.rescan_seconds)
+
     async def _step(self) -> bool:
         """One turn: look for runs and checkpoints, evaluate the next due step(s). True if work was done."""
-        if self.root is not None and (self._root_rescan or time.monotonic() - self._last_root_scan
-                                      >= self.config.watch.rescan_seconds):
+        if self._root_due():
             await self._find_runs()
         if self._poll_runs():
             return True
@@ -340,7 +362,10 @@ class Daemon:
                     await self.engine.close()
         finally:
             for run in [*self.runs, *self._closing]:
-                await run.close()
+                try:
+                    await run.close()
+                except Exception as exc:  # the others' sinks and locks still close
+                    log.error("run %s: closing failed: %s", run.name, exc)
             if self._root_ledger is not None:
                 self._root_ledger.close()
         log.info("stopped")
@@ -380,6 +405,8 @@ class Daemon:
         self._status(f"starting the {self.config.engine.kind} engine")
         if self.engine is None:
             self.engine = build_engine(self.config, self.paths, self._engine_factory)
+        for run in self.runs:
+            run.app.use_engine(self.engine)  # the heartbeat shows it starting (a vLLM server's log)
         log.info("starting the %s engine for %s", self.engine.name, self.config.base_model)
         await self._cancellable(self.engine.start())
         if self.judge is None:
@@ -485,6 +512,8 @@ class Daemon:
                     self._wake.clear()
                     waiter = asyncio.ensure_future(self._wake.wait())
                 if not self._stop:
+                    if self._root_due():
+                        await self._find_runs()
                     for run in self.runs:
                         if run.discovery.new_training is None:
                             run.discovery.poll()

@@ -192,25 +192,36 @@ def run_name_of(run_dir: Path) -> str:
     return default_run_name(run_dir)
 
 
-def adapter_bases(run_dir: Path, layout: Layout) -> set[str]:
-    """`base_model_name_or_path` of the run's adapters (those that name one)."""
-    bases = set()
+def adapter_bases(run_dir: Path, layout: Layout) -> set[str] | None:
+    """`base_model_name_or_path` of the run's adapters (those that name one; a null one counts as
+    ''); None while no checkpoint has a readable adapter_config.json yet (PEFT writes it after the
+    weights)."""
+    bases: set[str] | None = None
     for path in scan(run_dir, layout).values():
         try:
             data = json.loads((path / "adapter_config.json").read_text())
         except (OSError, ValueError):
-            continue  # not written yet, or being written: discovery decides about that folder
-        base = data.get("base_model_name_or_path") if isinstance(data, dict) else None
-        if base:
-            bases.add(str(base))
+            continue  # not written yet, or being written: looked at again at the next rescan
+        if not isinstance(data, dict):
+            continue
+        bases = bases if bases is not None else set()
+        bases.add(str(data.get("base_model_name_or_path") or ""))
     return bases
 
 
+class NotYetKnown(Exception):
+    """A root's subfolder whose adapters cannot be read yet: not a run until they can."""
+
+
 def base_mismatch(run_dir: Path, layout: Layout, served: list[str]) -> str | None:
-    """Why a root's run cannot be served by this daemon's engine, or None."""
+    """Why a root's run cannot be served by this daemon's engine, or None. Raises NotYetKnown while
+    none of its adapter configs is readable."""
     from ckpt_watch.engines.vllm_protocol import same_model
 
-    other = sorted(b for b in adapter_bases(run_dir, layout) if not same_model(b, served))
+    bases = adapter_bases(run_dir, layout)
+    if bases is None:
+        raise NotYetKnown(run_dir)
+    other = sorted(b for b in bases if b and not same_model(b, served))  # '' (null): nothing to compare
     if not other:
         return None
     return (f"run {run_dir.name}: its adapters were trained on {', '.join(map(repr, other))} but this daemon's "

@@ -177,6 +177,7 @@ def test_replica_killed_mid_suite_the_evaluation_finishes_on_the_other(
         startup = time.monotonic() - t0
 
         monkeypatch.setenv(KEY_ENV, vllm_server.api_key)
+        timed_out = _timeout_on_healthy_servers(smollm2_path, [extra.base_url, vllm_server.base_url])
         config = parse_config({
             "base_model": str(smollm2_path), "results_dir": str(tmp_path / "results"), "suites": suites,
             "engine": {"kind": "vllm", "dtype": "float32", "max_concurrency": 32, "request_timeout": 300,
@@ -245,3 +246,37 @@ def test_replica_killed_mid_suite_the_evaluation_finishes_on_the_other(
     assert seen["left"] == {}
     assert name not in _lora_cards(vllm_server.base_url, vllm_server.api_key)
     assert vllm_server.server.alive()
+    # a request that times out on servers that are up is no server's death: no fail-over loop, no
+    # adapter moved, it reaches the caller (whose max_suite_attempts bound it) after one try per server
+    assert timed_out["error"] == "EngineUnavailable" and timed_out["seconds"] < 60, timed_out
+    assert timed_out["status"].startswith("2/2 vLLM replicas live"), timed_out
+
+
+def _timeout_on_healthy_servers(base_model, urls: list[str]) -> dict:
+    """One long generation on two live replicas with a 0.5 s request timeout (a real timeout)."""
+    from ckpt_watch.core import AdapterHandle, EngineUnavailable
+    from ckpt_watch.engines.base import GenerateRequest
+    from ckpt_watch.engines.factory import make_engine
+
+    config = parse_config({
+        "base_model": str(base_model), "suites": {"heldout_loss": {}},
+        "engine": {"kind": "vllm", "dtype": "float32", "request_timeout": 0.5, "max_retries": 0,
+                   "replicas": urls, "api_key_env": KEY_ENV},
+    })
+    engine = make_engine(config)
+
+    async def main() -> dict:
+        await engine.start()
+        t0 = time.monotonic()
+        error = None
+        try:
+            story = [{"role": "user", "content": "Tell a long story about a dragon."}]
+            await engine.generate(AdapterHandle(Checkpoint.base("t"), None),
+                                  [GenerateRequest(messages=story, max_tokens=400, temperature=0.0)])
+        except EngineUnavailable as exc:
+            error = type(exc).__name__
+        out = {"error": error, "seconds": time.monotonic() - t0, "status": engine.status}
+        await engine.close()
+        return out
+
+    return asyncio.run(main())

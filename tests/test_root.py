@@ -78,6 +78,9 @@ def test_root_once_round_robin_refuses_another_base(tmp_path: Path, tiny_run: Pa
     (root / ".cache").mkdir()
     shutil.copytree(tiny_run / "checkpoint-2", root / ".cache" / "checkpoint-2")
     (root / "notes").mkdir()  # no checkpoint: not a run
+    half = root / "starting" / "checkpoint-2"  # a save under way: no adapter_config.json yet, not a run yet
+    half.mkdir(parents=True)
+    shutil.copy(tiny_run / "checkpoint-2" / "adapter_model.safetensors", half)
     cfg = root_config(tmp_path, tiny_base, root)
     results = tmp_path / "results"
 
@@ -117,6 +120,10 @@ def test_root_config_errors(tmp_path: Path) -> None:
     both.write_text(f"base_model: x\nwatch: {{dir: {tmp_path}, root: {tmp_path}}}\n{SUITES}")
     r = cli("validate", str(both))
     assert r.returncode == 2 and "not both" in r.stderr
+    attached = tmp_path / "attached.yaml"
+    attached.write_text(f"base_model: x\nwatch: {{root: {tmp_path}}}\nmlflow: {{run_id: abc}}\n{SUITES}")
+    r = cli("validate", str(attached))
+    assert r.returncode == 2 and "mlflow.run_id" in r.stderr
     named = tmp_path / "named.yaml"
     named.write_text(f"base_model: x\nrun_name: r1\nwatch: {{root: {tmp_path}}}\n{SUITES}")
     r = cli("validate", str(named))

@@ -297,9 +297,15 @@ class ReplicaEngine:
         self._schedule_revive(replica)
         return True
 
-    async def _failed(self, replica: Replica, epoch: int, exc: BaseException) -> None:
-        """A request to `replica` met EngineUnavailable: mark it dead and move its adapters to live
-        replicas now (those left where no replica is live move, or come back, later)."""
+    async def _failed(self, replica: Replica, epoch: int, exc: BaseException) -> bool:
+        """A request to `replica` met EngineUnavailable: unless the server still answers its health
+        check (the request itself timed out: not a dead server, nothing moves; False), mark it dead
+        and move its adapters to live replicas now (those left where no replica is live move, or
+        come back, later)."""
+        if replica.live and replica.epoch == epoch and await replica.engine.answers():
+            log.warning("%s: a request failed (%s) but the server answers its health check; not failed over",
+                        replica.label, str(exc).splitlines()[0])
+            return False
         async with self._lock:
             self._mark_dead(replica, epoch, exc)
             for name in [n for n, r in self._placement.items() if r is replica]:
@@ -311,6 +317,7 @@ class ReplicaEngine:
                     break  # the last live replica died during the move: the request reports it
                 except EngineError as exc:  # refused there (rank, modules): its own requests meet it
                     log.error("adapter %s could not move off %s: %s", name, replica.label, exc)
+        return True
 
     async def _move(self, name: str) -> Replica:
         """Load adapter `name` on a live replica if its own is dead (call under self._lock)."""
@@ -411,7 +418,10 @@ class ReplicaEngine:
             return await self._move(handle.name)
 
     async def _on_replica(self, handle: AdapterHandle, call: Callable[[VLLMEngine], Awaitable[T]]) -> T:
-        """Run `call` on the replica for `handle`; on EngineUnavailable, fail over and run it again."""
+        """Run `call` on the replica for `handle`; on EngineUnavailable, fail over and run it again —
+        at most once per replica: a request that fails everywhere (or times out on a server that is
+        up) reaches the caller, so the evaluator's max_suite_attempts still bounds it."""
+        failures = 0
         while True:
             replica = await self._route(handle)
             epoch = replica.epoch
@@ -427,7 +437,9 @@ class ReplicaEngine:
                 failure: EngineUnavailable = exc
             finally:
                 replica.in_flight -= 1
-            await self._failed(replica, epoch, failure)
+            failures += 1
+            if not await self._failed(replica, epoch, failure) or failures >= len(self.replicas):
+                raise failure
 
     async def _each(self, handle: AdapterHandle, items: Sequence[R],
                     call: Callable[[VLLMEngine, R], Awaitable[list[T]]]) -> list[T]:
@@ -461,15 +473,25 @@ class ReplicaEngine:
             try:
                 handle = await replica.engine.load(checkpoint)
             except EngineUnavailable as exc:
-                self._placement.pop(name, None)
-                await self._failed(replica, epoch, exc)
+                self._unreserve(name, replica)
+                if not await self._failed(replica, epoch, exc):
+                    raise
                 continue
             except BaseException:
-                self._placement.pop(name, None)
-                self._checkpoints.pop(name, None)
+                self._unreserve(name, replica, drop=True)
                 raise
+            if self._placement.get(name) is not replica:
+                # this replica was failed over while the load was under way: the adapter lives elsewhere
+                replica.engine.forget(name)
             log.info("adapter %s loaded on %s", name, replica.label)
             return handle
+
+    def _unreserve(self, name: str, replica: Replica, *, drop: bool = False) -> None:
+        """Undo load()'s reservation, unless a fail-over has placed the adapter elsewhere meanwhile."""
+        if self._placement.get(name) is replica:
+            self._placement.pop(name)
+            if drop:
+                self._checkpoints.pop(name, None)
 
     async def prepare(self, checkpoints: Sequence[Checkpoint]) -> None:
         """Grow a guessed --max-lora-rank once on every live managed replica (VLLMEngine.prepare)."""

@@ -235,6 +235,20 @@ class VLLMEngine:
                 message = str(body.get("message") or body.get("detail") or exc.message)
                 raise VLLMRequestError(what, exc.status_code, message, body.get("type")) from exc
 
+    async def answers(self, timeout: float = 5.0) -> bool:
+        """Whether the server answers its health check now (one try, outside the request bound)."""
+        if self._server is not None:
+            return self._server.alive() and await asyncio.to_thread(self._server.health, timeout)
+        if self._client is None:
+            return False
+        root = self.base_url.removesuffix("/v1")
+        client = self._client.with_options(max_retries=0, timeout=timeout)
+        try:
+            await client.get(f"{root}/health", cast_to=str)
+        except (openai.APIError, OSError):
+            return False
+        return True
+
     async def _managed_server_ok(self) -> bool:
         # a 5xx from a dying server (vLLM's engine core crashed) is an outage, not a bad request
         if self._server is None:
