@@ -85,7 +85,8 @@ engine: {{kind: vllm}}
         },
         env_var: {"base_model": f"environment variable {UNSET_VAR} is not set"},
         judge_key: {"(top level)": f"judge.api_key_env: environment variable {UNSET_KEY} is not set"},
-        vllm_mode: {"engine": "needs exactly one of 'url' (attach) or 'launch' (managed)"},
+        vllm_mode: {"engine": "needs exactly one of 'url' (attach), 'replicas' (attach to several) or 'launch' "
+                              "(managed)"},
     }
     handled = 0
     seen: dict[Path, tuple[int, dict[str, str]]] = {}
