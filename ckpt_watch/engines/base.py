@@ -7,12 +7,15 @@ batch, so an engine can keep its server's continuous batching full.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from ckpt_watch.core import AdapterHandle, Checkpoint
 
 Message = dict[str, str]  # {"role": ..., "content": ...}
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -114,3 +117,16 @@ def apply_chat_template(tokenizer: Any, messages: list[Message], *, add_generati
 def adapter_name(checkpoint: Checkpoint) -> str:
     """A unique name per checkpoint: reusing one name for new weights is buggy in vLLM."""
     return f"{checkpoint.run}-step-{checkpoint.step}"
+
+
+async def gather_all(coros: Sequence[Awaitable[T]]) -> list[T]:
+    """All at once, results in order; one failure ends the batch: the siblings are cancelled (not
+    left running) and the failure is raised."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

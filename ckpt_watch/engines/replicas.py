@@ -27,7 +27,14 @@ from typing import Any, TypeVar
 
 from ckpt_watch.config import Config
 from ckpt_watch.core import AdapterHandle, Checkpoint, CheckpointKind, EngineError, EngineUnavailable
-from ckpt_watch.engines.base import GenerateRequest, GenerateResult, ScoreRequest, ScoreResult, adapter_name
+from ckpt_watch.engines.base import (
+    GenerateRequest,
+    GenerateResult,
+    ScoreRequest,
+    ScoreResult,
+    adapter_name,
+    gather_all,
+)
 from ckpt_watch.engines.vllm import VLLMEngine
 from ckpt_watch.redact import redact_url
 
@@ -119,16 +126,18 @@ def make_vllm_engine(config: Config, results_dir: Path | None = None) -> VLLMEng
     return VLLMEngine(config, results_dir=results_dir)
 
 
-async def _gather(coros: Sequence[Awaitable[T]]) -> list[T]:
-    """All at once; the first failure cancels the others and is raised."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
+def _failures(replicas: Sequence[Replica], outcomes: Sequence[Any], what: str, level: int) -> list[Exception]:
+    """The errors of replica calls gathered with return_exceptions (each recorded on its replica and
+    logged); a cancellation among them is raised."""
+    errors = []
+    for r, out in zip(replicas, outcomes, strict=True):
+        if isinstance(out, Exception):
+            r.error = str(out)
+            errors.append(out)
+            log.log(level, "%s %s: %s", r.label, what, out)
+        elif isinstance(out, BaseException):
+            raise out
+    return errors
 
 
 class ReplicaEngine:
@@ -207,16 +216,9 @@ class ReplicaEngine:
             if self._started:
                 return
             outcomes = await asyncio.gather(*(r.engine.start() for r in self.replicas), return_exceptions=True)
-            errors = []
+            errors = _failures(self.replicas, outcomes, "did not start", logging.ERROR)
             for r, out in zip(self.replicas, outcomes, strict=True):
-                if isinstance(out, Exception):
-                    r.error = str(out)
-                    errors.append(out)
-                    log.error("%s did not start: %s", r.label, out)
-                elif isinstance(out, BaseException):
-                    raise out
-                else:
-                    r.live = True
+                r.live = out is None
             if not any(r.live for r in self.replicas):
                 raise errors[0]
             self._model = self._same_model()
@@ -256,14 +258,7 @@ class ReplicaEngine:
             return
         dead = [r for r in self.replicas if not r.live and not r.given_up]
         outcomes = await asyncio.gather(*(self._revive(r) for r in dead), return_exceptions=True)
-        errors: list[Exception] = []
-        for r, out in zip(dead, outcomes, strict=True):
-            if isinstance(out, Exception):
-                r.error = str(out)
-                errors.append(out)
-                log.warning("%s is still down: %s", r.label, out)
-            elif isinstance(out, BaseException):
-                raise out
+        errors = _failures(dead, outcomes, "is still down", logging.WARNING)
         if any(r.live for r in self.replicas):
             for r in self.replicas:
                 if not r.live:
@@ -450,7 +445,7 @@ class ReplicaEngine:
             (out,) = await self._on_replica(handle, lambda engine: call(engine, item))
             return out
 
-        return await _gather([one(x) for x in items])
+        return await gather_all([one(x) for x in items])
 
     # -- adapters -----------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from ckpt_watch.engines.base import (
     ScoreResult,
     adapter_name,
     apply_chat_template,
+    gather_all,
 )
 from ckpt_watch.engines.vllm_protocol import (
     VLLMRequestError,
@@ -381,21 +382,10 @@ class VLLMEngine:
 
     # -- requests -----------------------------------------------------------------------
 
-    async def _gather(self, coros: Sequence[Awaitable[T]]) -> list[T]:
-        tasks = [asyncio.ensure_future(c) for c in coros]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            # one failure ends the batch: stop the siblings instead of leaving them running
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-
     async def generate(self, handle: AdapterHandle, requests: list[GenerateRequest]) -> list[GenerateResult]:
         await self.start()
         model = self._model_for(handle)
-        return await self._gather([self._generate_one(model, r) for r in requests])
+        return await gather_all([self._generate_one(model, r) for r in requests])
 
     async def _generate_one(self, model: str, req: GenerateRequest) -> GenerateResult:
         if req.prompt_ids is not None:
@@ -431,7 +421,7 @@ class VLLMEngine:
     async def score(self, handle: AdapterHandle, requests: list[ScoreRequest]) -> list[ScoreResult]:
         await self.start()
         model = self._model_for(handle)
-        return await self._gather([self._score_one(model, r) for r in requests])
+        return await gather_all([self._score_one(model, r) for r in requests])
 
     async def _score_one(self, model: str, req: ScoreRequest) -> ScoreResult:
         if not req.context_ids:
@@ -463,7 +453,7 @@ class VLLMEngine:
     ) -> list[dict[int, float]]:
         await self.start()
         model = self._model_for(handle)
-        return await self._gather([self._next_one(model, p, k) for p in prompts])
+        return await gather_all([self._next_one(model, p, k) for p in prompts])
 
     async def _next_one(self, model: str, prompt: list[int], k: int) -> dict[int, float]:
         resp = await self._request(
