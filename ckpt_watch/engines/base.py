@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from ckpt_watch.core import AdapterHandle, Checkpoint
+from ckpt_watch.core import AdapterHandle, Checkpoint, CheckpointKind, EngineError
 
 Message = dict[str, str]  # {"role": ..., "content": ...}
 T = TypeVar("T")
@@ -130,3 +130,13 @@ async def gather_all(coros: Sequence[Awaitable[T]]) -> list[T]:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+def base_handle(checkpoint: Checkpoint) -> AdapterHandle | None:
+    """The base model's handle for the base checkpoint; None for an adapter that has its snapshot
+    (the engine loads it); EngineError for one that has none."""
+    if checkpoint.kind is CheckpointKind.BASE:
+        return AdapterHandle(checkpoint, None)
+    if checkpoint.adapter_dir is None:
+        raise EngineError(f"{checkpoint.label}: no adapter snapshot to load")
+    return None

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ckpt_watch.config import EngineConfig
-from ckpt_watch.core import AdapterHandle, Checkpoint, CheckpointKind, EngineError
+from ckpt_watch.core import AdapterHandle, Checkpoint, EngineError
 from ckpt_watch.engines.base import (
     Completion,
     GenerateRequest,
@@ -24,6 +24,7 @@ from ckpt_watch.engines.base import (
     ScoreResult,
     adapter_name,
     apply_chat_template,
+    base_handle,
 )
 from ckpt_watch.models import resolve_base_model
 
@@ -77,10 +78,8 @@ class HFEngine:
 
     async def load(self, checkpoint: Checkpoint) -> AdapterHandle:
         await self.start()
-        if checkpoint.kind is CheckpointKind.BASE:
-            return AdapterHandle(checkpoint, None)
-        if checkpoint.adapter_dir is None:
-            raise EngineError(f"{checkpoint.label}: no adapter snapshot to load")
+        if (base := base_handle(checkpoint)) is not None:
+            return base
         name = adapter_name(checkpoint)
         await asyncio.to_thread(self._add_adapter, name, str(checkpoint.adapter_dir))
         return AdapterHandle(checkpoint, name)

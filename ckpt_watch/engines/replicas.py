@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ckpt_watch.config import Config
-from ckpt_watch.core import AdapterHandle, Checkpoint, CheckpointKind, EngineError, EngineUnavailable
+from ckpt_watch.core import AdapterHandle, Checkpoint, EngineError, EngineUnavailable
 from ckpt_watch.engines.base import (
     GenerateRequest,
     GenerateResult,
     ScoreRequest,
     ScoreResult,
     adapter_name,
+    base_handle,
     gather_all,
 )
 from ckpt_watch.engines.vllm import VLLMEngine
@@ -451,10 +452,8 @@ class ReplicaEngine:
 
     async def load(self, checkpoint: Checkpoint) -> AdapterHandle:
         await self.start()
-        if checkpoint.kind is CheckpointKind.BASE:
-            return AdapterHandle(checkpoint, None)
-        if checkpoint.adapter_dir is None:
-            raise EngineError(f"{checkpoint.label}: no adapter snapshot to load")
+        if (base := base_handle(checkpoint)) is not None:
+            return base
         name = adapter_name(checkpoint)
         while True:
             async with self._lock:

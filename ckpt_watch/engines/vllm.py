@@ -31,6 +31,7 @@ from ckpt_watch.engines.base import (
     ScoreResult,
     adapter_name,
     apply_chat_template,
+    base_handle,
     gather_all,
 )
 from ckpt_watch.engines.vllm_protocol import (
@@ -272,10 +273,8 @@ class VLLMEngine:
 
     async def load(self, checkpoint: Checkpoint) -> AdapterHandle:
         await self.start()
-        if checkpoint.kind is CheckpointKind.BASE:
-            return AdapterHandle(checkpoint, None)
-        if checkpoint.adapter_dir is None:
-            raise EngineError(f"{checkpoint.label}: no adapter snapshot to load")
+        if (base := base_handle(checkpoint)) is not None:
+            return base
         async with self._load_lock:  # checkpoints loaded together: one rank check / server regrowth at a time
             return await self._load_adapter(checkpoint, Path(checkpoint.adapter_dir))
 
