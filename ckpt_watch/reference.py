@@ -89,6 +89,9 @@ NOTES: dict[str, list[str]] = {
         "`max_restarts`) and rejoins.",
         "- `engine.replicas: [URL, URL]` does the same over servers someone else runs (one base model, one "
         "key in `engine.api_key_env`); a dead one is probed again every 30 s.",
+        "- A server counts as dead when a request cannot reach it and its health check fails too. A request "
+        "that times out on a server that still answers is not failed over: it reaches the evaluator (whose "
+        "`daemon.max_suite_attempts` bounds it), and a request is sent again at most once per server.",
         "",
         "Prefer `data_parallel_size` on one node when a pause for a restart is acceptable; prefer `gpus` or "
         "`replicas` to keep evaluating through a server's death, to use servers on several nodes, or where a "
