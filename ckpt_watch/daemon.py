@@ -35,7 +35,7 @@ from ckpt_watch import notify
 from ckpt_watch.app import App, Paths, build_engine, build_sinks, judge_for, run_params  # noqa: F401 (re-exported)
 from ckpt_watch.checkpoints import Layout, scan
 from ckpt_watch.config import Config
-from ckpt_watch.core import Checkpoint, EngineUnavailable, Stopped
+from ckpt_watch.core import BASE_STEP, Checkpoint, EngineUnavailable, Stopped
 from ckpt_watch.engines.base import Engine
 from ckpt_watch.evaluate import run_together
 from ckpt_watch.ledger import CkptState, Ledger
@@ -157,6 +157,8 @@ class Daemon:
 
     async def _add_run(self, folder: Path, *, wait: bool, base_run: str | None = None) -> RunWatch:
         run = RunWatch(self.config, folder, mode=self.mode, base_run=base_run)
+        if self.root is not None:  # one base model on one engine: step 0 is evaluated once for all runs
+            run.app.base_peers = lambda: [r.name for r in self.runs if r is not run]
         try:
             await run.open(lambda: self._stop, force=self.force, wait=wait, judge_method=self._judge_method)
         except BaseException:
@@ -318,6 +320,9 @@ class Daemon:
         n = len(self.runs)
         order = [self.runs[(self._rr + i) % n] for i in range(n)]
         queues = [(run, run.next_steps(k)) for run in order]
+        bases = [q for _, q in queues if q == [BASE_STEP]]
+        for q in bases[1:]:
+            q.clear()  # one run's base model at a time: the others then share its result (evaluate.py)
         work: list[tuple[RunWatch, int]] = []
         while len(work) < k and any(q for _, q in queues):
             for run, q in queues:

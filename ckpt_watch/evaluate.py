@@ -14,6 +14,9 @@ and EngineUnavailable (the server died; the daemon restarts it) propagate. Every
 counted when the row is claimed, before the adapter is loaded, so an adapter that crashes
 the server while loading — or a process that dies on a step every time — is tried at most
 `max_suite_attempts` times and then failed with the reason, never looped on.
+
+With watch.root the runs share one base model on one engine: a run's step 0 takes the result
+another run of the same daemon already has for that suite configuration (`_shared_base`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import json
 import logging
 import sqlite3
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +101,8 @@ class Claimed:
 class Evaluator:
     def __init__(self, engine: Engine, sinks: list[Sink], ledger: Ledger, run: str, results_dir: Path,
                  max_attempts: int, judge: Any = None, cache_dir: Path | None = None, canary: bool = True,
-                 owner: str | None = None, concurrent_suites: bool = True):
+                 owner: str | None = None, concurrent_suites: bool = True,
+                 base_peers: Callable[[], list[str]] | None = None):
         self.engine = engine
         self.sinks = sinks
         self.ledger = ledger
@@ -110,6 +114,8 @@ class Evaluator:
         self.canary = canary
         self.owner = owner  # this process, as written into the rows it claims
         self.concurrent_suites = concurrent_suites  # a checkpoint's suites share the engine at once
+        # watch.root: the other runs served by the same engine, whose base-model results this run shares
+        self.base_peers = base_peers
         self.failed = 0  # (step, suite) evaluations this process recorded as failed
         self._suites: dict[tuple[str, str], Suite] = {}
         self.progress: Callable[[str, int, int], None] = lambda label, done, total: None
@@ -283,6 +289,9 @@ class Evaluator:
         planned = claimed.planned
         if self._redeliver(ckpt, claimed):
             return
+        if (shared := self._shared_base(ckpt, planned)) is not None:
+            self._record(ckpt, planned, shared)
+            return
         label = f"{ckpt.label}/{planned.key}"
         log.info("%s: running %s", ckpt.label, planned.key)
         ctx = SuiteContext(
@@ -315,6 +324,24 @@ class Evaluator:
         if base is None or base.info.get("suite_hash") != planned.hash:
             return None
         return base
+
+    def _shared_base(self, ckpt: Checkpoint, planned: PlannedSuite) -> SuiteResult | None:
+        """With watch.root, the runs share one base model on one engine: the base model (step 0) is
+        evaluated once per suite configuration, and the other runs record that result as their own
+        step 0 (`info.base_from` names the run that evaluated it). None when no other run has it."""
+        if ckpt.step != BASE_STEP or self.base_peers is None:
+            return None
+        for run in self.base_peers():
+            for path in sorted((self.results_dir / run / f"step-{BASE_STEP}").glob("*.json")):
+                found = read_result(self.results_dir, run, BASE_STEP, path.stem)
+                if found is None or found.info.get("suite_hash") != planned.hash:
+                    continue
+                info = {k: v for k, v in found.info.items() if k not in ("suite_version", "epoch")}
+                info["base_from"] = found.info.get("base_from") or run
+                log.info("%s/%s: the base model's result of run '%s' (same configuration, same engine)",
+                         ckpt.label, planned.key, info["base_from"])
+                return replace(found, suite=planned.key, started_at=utcnow(), finished_at=None, info=info)
+        return None
 
     def _redeliver(self, ckpt: Checkpoint, claimed: Claimed) -> bool:
         """A session killed after the sinks got a result but before the ledger recorded it left

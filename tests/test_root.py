@@ -90,6 +90,11 @@ def test_root_once_round_robin_refuses_another_base(tmp_path: Path, tiny_run: Pa
     assert done_evals(results) == sorted((n, s, "heldout_loss") for n in names for s in (0, 2, 4, 6))
     order = [(run, step) for _, _, run, step in evaluation_order(results, names)]
     assert order == [(n, s) for s in (0, 6, 4, 2) for n in names], order  # round-robin, newest first
+    # one base model on one engine: evaluated once (by the first run), the others share that result
+    base = [json.loads((results / n / "step-0" / "heldout_loss.json").read_text()) for n in names]
+    assert "base_from" not in base[0]["info"]
+    assert [b["info"]["base_from"] for b in base[1:]] == [names[0], names[0]]
+    assert all(b["metrics"] == base[0]["metrics"] and b["run"] == n for b, n in zip(base, names, strict=True))
     for n in names:
         points = mlflow_points(f"sqlite:///{tmp_path / 'mlflow.db'}", "root", n)
         assert sorted(s for s, _, _ in points["heldout_loss/nll"]) == [0, 2, 4, 6]
@@ -138,7 +143,7 @@ def test_root_config_errors(tmp_path: Path) -> None:
 def test_three_trainings_one_daemon(tmp_path: Path, tiny_base: Path) -> None:
     """Three real trainings (the demo trainer on the tiny Llama) started at different times under one
     root, one live daemon with one HF engine: every checkpoint of every run evaluated exactly once,
-    no run waits for another to finish, one MLflow run per training run."""
+    the shared base model once, no run waits for another to finish, one MLflow run per training run."""
     root = tmp_path / "sweep"
     root.mkdir()
     cfg = root_config(tmp_path, tiny_base, root)
@@ -165,6 +170,9 @@ def test_three_trainings_one_daemon(tmp_path: Path, tiny_base: Path) -> None:
     assert len(order) == 15 and len({(r, s) for *_, r, s in order}) == 15  # each result written once
     # no run waits for another: each later run's first checkpoint is evaluated before the earlier
     # runs' last one (their trainings overlap)
+    shared = [json.loads((results / n / "step-0" / "heldout_loss.json").read_text())["info"].get("base_from")
+              for n in names]
+    assert shared.count(None) == 1 and len({s for s in shared if s}) == 1, shared  # base model evaluated once
     first = {n: min(t for t, _, r, s in order if r == n and s > 0) for n in names}
     last = {n: max(t for t, _, r, s in order if r == n) for n in names}
     assert first[names[1]] < last[names[0]] and first[names[2]] < last[names[1]], order
@@ -197,8 +205,12 @@ def test_work_is_taken_round_robin_across_runs(tmp_path: Path) -> None:
                            "engine": {"kind": "vllm", "url": "http://127.0.0.1:9/v1", "max_adapters_in_flight": 4},
                            "suites": {"heldout_loss": {}}})
     daemon = Daemon(config)
-    a, b, c = _Due([30, 20, 10]), _Due([]), _Due([7, 5])
+    a, b, c = _Due([0]), _Due([0]), _Due([7, 5])
     daemon.runs = [a, b, c]
+    # one run's base model at a time (the others then share its result)
+    assert [(daemon.runs.index(r), s) for r, s in daemon._next_work()] == [(0, 0), (2, 7), (2, 5)]
+    daemon._rr = 0
+    a.steps, b.steps, c.steps = [30, 20, 10], [], [7, 5]
     work = daemon._next_work()
     assert [(daemon.runs.index(r), s) for r, s in work] == [(0, 30), (2, 7), (0, 20), (2, 5)]
     a.steps, c.steps = [10], [3]
