@@ -12,8 +12,10 @@ Then, side by side, each variant from a fresh results dir, in the order A, B (th
   A  one daemon, one HF engine:   ckpt-watch run --once --root ROOT
   B  one daemon per run:          3× ckpt-watch run --once --watch ROOT/run-i, started together
 
-Both evaluate the same work: every run's base model (step 0) and checkpoints with the suites
-heldout_loss (8 texts) and arc_challenge (letter scoring, --arc-n questions). Printed: wall time
+Both record the same work: every run's base model (step 0) and checkpoints with the suites
+heldout_loss (8 texts) and arc_challenge (letter scoring, --arc-n questions). A evaluates the
+shared base model once for the three runs (the others take its result, `info.base_from`); B once
+per daemon. Printed: wall time
 until every process has exited, and the peak of the summed RSS of all ckpt-watch processes
 (sampled every 0.2 s from /proc), plus CPU seconds (user+system, from the children's rusage).
 The ratio lines are B / A.
