@@ -119,7 +119,7 @@ class App:
         self.progress: Callable[[str, int, int], None] | None = None
         self.judge_method: str | None = None
         self.owns_engine = True  # False once adopt()ed: the engine and judge are closed by their maker
-        self.base_peers: Callable[[], list[str]] | None = None  # watch.root: runs sharing this base model's results
+        self.shared_base: dict[str, Any] | None = None  # watch.root: step-0 results the runs share (evaluate.py)
 
     @property
     def guest(self) -> bool:
@@ -268,7 +268,7 @@ class App:
         evaluator = Evaluator(self.engine, self.sinks, self.ledger, self.run, self.paths.results,
                               self.config.daemon.max_suite_attempts, judge=self.judge, cache_dir=self.paths.cache,
                               canary=self.config.daemon.canary, owner=self.owner.owner if self.owner else None,
-                              concurrent_suites=self.config.engine.concurrent_suites, base_peers=self.base_peers)
+                              concurrent_suites=self.config.engine.concurrent_suites, shared_base=self.shared_base)
         if self.progress is not None:
             evaluator.progress = self.progress
         if self.evaluator is not None:

@@ -29,7 +29,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ckpt_watch import notify
 from ckpt_watch.app import App, Paths, build_engine, build_sinks, judge_for, run_params  # noqa: F401 (re-exported)
@@ -37,6 +37,7 @@ from ckpt_watch.checkpoints import Layout, scan
 from ckpt_watch.config import Config
 from ckpt_watch.core import BASE_STEP, Checkpoint, EngineUnavailable, Stopped
 from ckpt_watch.engines.base import Engine
+from ckpt_watch.errors import ConfigError
 from ckpt_watch.evaluate import run_together
 from ckpt_watch.ledger import CkptState, Ledger
 from ckpt_watch.locking import DAEMON, ONESHOT, LockHeld, RunLock
@@ -70,11 +71,13 @@ class Daemon:
         self.runs: list[RunWatch] = []
         self._closing: list[RunWatch] = []  # runs a guest left (closed at teardown)
         self._by_folder: dict[str, RunWatch] = {}  # a root's subfolder name → its run (watcher hints)
+        self._unreadable: set[Path] = set()  # a root's subfolders with checkpoints but no adapter config yet
         self._refused: dict[Path, str] = {}  # a root's subfolders not served (another base model, a lock held)
         self._root_ledger: Ledger | None = None  # records why a root's run is refused (for `status`)
         self._root_rescan = True
         self._last_root_scan = float("-inf")
         self._rr = 0  # round-robin: the run served first next turn
+        self._shared_base: dict[str, tuple[str, Any]] = {}  # watch.root: suite hash → (run, its step-0 result)
         self.engine: Engine | None = None
         self.judge = None
         self._judge_method: str | None = None
@@ -158,7 +161,7 @@ class Daemon:
     async def _add_run(self, folder: Path, *, wait: bool, base_run: str | None = None) -> RunWatch:
         run = RunWatch(self.config, folder, mode=self.mode, base_run=base_run)
         if self.root is not None:  # one base model on one engine: step 0 is evaluated once for all runs
-            run.app.base_peers = lambda: [r.name for r in self.runs if r is not run]
+            run.app.shared_base = self._shared_base
         try:
             await run.open(lambda: self._stop, force=self.force, wait=wait, judge_method=self._judge_method)
         except BaseException:
@@ -185,7 +188,10 @@ class Daemon:
             try:
                 why = base_mismatch(folder, layout, self._served())
             except NotYetKnown:
-                continue  # its adapter configs are still being written: the next rescan looks again
+                if folder not in self._unreadable:  # a save under way, or not a LoRA run (no adapter config)
+                    log.info("%s: no readable adapter_config.json yet; not a run until one is", folder)
+                    self._unreadable.add(folder)
+                continue  # the next rescan looks again
             if why:
                 self._refuse(folder, why)
                 continue
@@ -216,7 +222,7 @@ class Daemon:
             return
         base_run = run_name_of(folder)
         try:
-            lock = RunLock.acquire(self.paths.results, base_run, self.mode)
+            lock = RunLock.acquire(self.paths.results, base_run, self.mode, peek=True)
         except LockHeld:
             return  # another process evaluates it
         try:
@@ -236,8 +242,9 @@ class Daemon:
             else:
                 folder, _, child = (rel or "").partition("/")
                 run = self._by_folder.get(folder) if folder else None
-                if run is None and self.root / folder not in self._refused:  # refused: periodic rescans only
-                    self._root_rescan = True
+                if run is None:
+                    if self.root / folder not in self._refused:  # refused: periodic rescans only
+                        self._root_rescan = True
                 elif run.discovery is not None:
                     run.discovery.hint(child or None)
             loop.call_soon_threadsafe(self._wake.set)
@@ -517,11 +524,7 @@ class Daemon:
                     self._wake.clear()
                     waiter = asyncio.ensure_future(self._wake.wait())
                 if not self._stop:
-                    if self._root_due():
-                        await self._find_runs()
-                    for run in self.runs:
-                        if run.discovery.new_training is None:
-                            run.discovery.poll()
+                    await self._look_while_draining()
         finally:
             waiter.cancel()
         if task.cancelled():
@@ -529,6 +532,19 @@ class Daemon:
         exc = task.exception()
         if exc is not None:
             raise exc
+
+    async def _look_while_draining(self) -> None:
+        """New runs and checkpoints while an evaluation runs (rotation may delete them before it ends).
+        A failure here (a full disk, a judge that cannot be decided for a new run) is logged and left
+        to the main loop: raised, it would abandon the running evaluation to a second claim."""
+        try:
+            if self._root_due():
+                await self._find_runs()
+            for run in self.runs:
+                if run.discovery.new_training is None:
+                    run.discovery.poll()
+        except (OSError, sqlite3.Error, ConfigError, Stopped) as exc:
+            log.warning("looking for checkpoints while evaluating failed (%s); looked at again after it", exc)
 
     async def _recover_engine(self, exc: EngineUnavailable) -> None:
         log.error("engine unavailable: %s", exc)

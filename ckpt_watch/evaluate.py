@@ -102,7 +102,7 @@ class Evaluator:
     def __init__(self, engine: Engine, sinks: list[Sink], ledger: Ledger, run: str, results_dir: Path,
                  max_attempts: int, judge: Any = None, cache_dir: Path | None = None, canary: bool = True,
                  owner: str | None = None, concurrent_suites: bool = True,
-                 base_peers: Callable[[], list[str]] | None = None):
+                 shared_base: dict[str, tuple[str, SuiteResult]] | None = None):
         self.engine = engine
         self.sinks = sinks
         self.ledger = ledger
@@ -114,8 +114,9 @@ class Evaluator:
         self.canary = canary
         self.owner = owner  # this process, as written into the rows it claims
         self.concurrent_suites = concurrent_suites  # a checkpoint's suites share the engine at once
-        # watch.root: the other runs served by the same engine, whose base-model results this run shares
-        self.base_peers = base_peers
+        # watch.root: suite hash → (run, result) of the base model (step 0) as evaluated by this process
+        # for one run of the root, shared by the others (one dict for all the daemon's evaluators)
+        self.shared_base = shared_base
         self.failed = 0  # (step, suite) evaluations this process recorded as failed
         self._suites: dict[tuple[str, str], Suite] = {}
         self.progress: Callable[[str, int, int], None] = lambda label, done, total: None
@@ -327,21 +328,19 @@ class Evaluator:
 
     def _shared_base(self, ckpt: Checkpoint, planned: PlannedSuite) -> SuiteResult | None:
         """With watch.root, the runs share one base model on one engine: the base model (step 0) is
-        evaluated once per suite configuration, and the other runs record that result as their own
-        step 0 (`info.base_from` names the run that evaluated it). None when no other run has it."""
-        if ckpt.step != BASE_STEP or self.base_peers is None:
+        evaluated once per suite configuration by this process, and the other runs record that result
+        as their own step 0 (`info.base_from` names the run that evaluated it). None when this process
+        has not evaluated it yet (results of earlier sessions are never taken: their engine or base
+        model may have been another; `--force` evaluates it again, once)."""
+        if ckpt.step != BASE_STEP or self.shared_base is None or planned.hash not in self.shared_base:
             return None
-        for run in self.base_peers():
-            for path in sorted((self.results_dir / run / f"step-{BASE_STEP}").glob("*.json")):
-                found = read_result(self.results_dir, run, BASE_STEP, path.stem)
-                if found is None or found.info.get("suite_hash") != planned.hash:
-                    continue
-                info = {k: v for k, v in found.info.items() if k not in ("suite_version", "epoch")}
-                info["base_from"] = found.info.get("base_from") or run
-                log.info("%s/%s: the base model's result of run '%s' (same configuration, same engine)",
-                         ckpt.label, planned.key, info["base_from"])
-                return replace(found, suite=planned.key, started_at=utcnow(), finished_at=None, info=info)
-        return None
+        run, found = self.shared_base[planned.hash]
+        info = {k: v for k, v in found.info.items() if k not in ("suite_version", "epoch")}
+        info["base_from"] = run
+        log.info("%s/%s: the base model's result evaluated for run '%s' (same configuration, same engine)",
+                 ckpt.label, planned.key, run)
+        return replace(found, suite=planned.key, metrics=dict(found.metrics), samples=list(found.samples),
+                       started_at=utcnow(), finished_at=None, info=info)
 
     def _redeliver(self, ckpt: Checkpoint, claimed: Claimed) -> bool:
         """A session killed after the sinks got a result but before the ledger recorded it left
@@ -390,6 +389,8 @@ class Evaluator:
             return
         ok = result.status is ResultStatus.OK
         self.ledger.set_eval(*key, EvalState.DONE if ok else EvalState.FAILED, result.error)
+        if ok and ckpt.step == BASE_STEP and self.shared_base is not None and "base_from" not in result.info:
+            self.shared_base[planned.hash] = (self.run, result)  # the root's other runs take it
         if ok:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in list(result.finite_metrics().items())[:6])
             log.info("%s/%s done: %s", ckpt.label, planned.key, shown)

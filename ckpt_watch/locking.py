@@ -59,7 +59,9 @@ class RunLock:
     mode: str
 
     @classmethod
-    def acquire(cls, results_dir: Path, run: str, mode: str) -> RunLock:
+    def acquire(cls, results_dir: Path, run: str, mode: str, *, peek: bool = False) -> RunLock:
+        """peek: held for a moment, with no holder written, so another process that finds it held
+        tries again shortly (as for `status`) instead of taking it for a daemon's."""
         path = lock_path(results_dir, run)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -72,7 +74,8 @@ class RunLock:
                 holder = {}  # what the file says is stale (a killed holder): a `status` peeking, say
             raise LockHeld(path, holder) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "mode": mode, "run": run, "since": utcnow()}).encode(), 0)
+        if not peek:
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "mode": mode, "run": run, "since": utcnow()}).encode(), 0)
         return cls(path, fd, mode)
 
     def release(self) -> None:

@@ -23,12 +23,12 @@ from tests.faults.harness import DaemonProc, ledger_rows, mlflow_duplicates, mlf
 SUITES = "suites:\n  heldout_loss: {max_texts: 2}\n"
 
 
-def root_config(tmp: Path, base: Path, root: Path, *, extra: str = "") -> Path:
+def root_config(tmp: Path, base: Path, root: Path, *, extra: str = "", rescan: float = 2) -> Path:
     cfg = tmp / "cfg.yaml"
     cfg.write_text(f"""
 base_model: {base}
 results_dir: {tmp / "results"}
-watch: {{root: {root}, settle_seconds: 0.3, rescan_seconds: 2, poll_interval: 0.5}}
+watch: {{root: {root}, settle_seconds: 0.3, rescan_seconds: {rescan}, poll_interval: 0.5}}
 engine: {{kind: hf}}
 {SUITES}
 mlflow: {{enabled: true, tracking_uri: 'sqlite:///{tmp / "mlflow.db"}', experiment: root, flush_seconds: 0.5}}
@@ -118,6 +118,44 @@ def test_root_once_round_robin_refuses_another_base(tmp_path: Path, tiny_run: Pa
     again = cli("run", "-c", str(cfg), "--once")  # nothing due: nothing evaluated twice
     assert again.returncode == 0, again.stderr[-2000:]
     assert len(done_evals(results)) == 12
+
+
+def other_base(adapter_dir: Path) -> None:
+    """Make a real adapter name another base model (stands for a run trained on one)."""
+    cfg = adapter_dir / "adapter_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "base_model_name_or_path": "Qwen/Qwen2.5-7B"}))
+
+
+def land(src: Path, dest: Path) -> None:
+    """A checkpoint landing the way a trainer's rename does: written under tmp-*, then renamed."""
+    tmp = dest.parent / f"tmp-{dest.name}"
+    shutil.copytree(src, tmp)
+    tmp.rename(dest)
+
+
+def test_events_in_a_refused_run_do_not_stop_the_watcher(tmp_path: Path, tiny_run: Path, tiny_base: Path) -> None:
+    """A live `run --root` with rescans 10 minutes apart: after checkpoints land in a refused run's
+    folder (another base model), a checkpoint of a served run is still found by its events, at once."""
+    root = tmp_path / "sweep"
+    good = copy_run(tiny_run, root / "good", steps=(2,))
+    other = copy_run(tiny_run, root / "other", steps=(2,))
+    other_base(other / "checkpoint-2")
+    cfg = root_config(tmp_path, tiny_base, root, rescan=600)
+    results = tmp_path / "results"
+    name = default_run_name(good)
+    with DaemonProc(cfg) as daemon:
+        wait_until(lambda: done_evals(results) == [(name, 0, "heldout_loss"), (name, 2, "heldout_loss")], 180,
+                   "the served run's base and step 2", daemon)
+        for step in (4, 6):
+            land(tiny_run / f"checkpoint-{step}", other / f"checkpoint-{step}")
+            other_base(other / f"checkpoint-{step}")
+        time.sleep(1)
+        land(tiny_run / "checkpoint-4", good / "checkpoint-4")
+        wait_until(lambda: (name, 4, "heldout_loss") in done_evals(results), 60,
+                   "step 4 of the served run, found by its events", daemon)
+        assert daemon.stop() == 0
+        assert "Exception in thread" not in daemon.output() and "Traceback" not in daemon.output(), daemon.output()
+    assert all(run == name for run, _, _ in done_evals(results))
 
 
 def test_root_config_errors(tmp_path: Path) -> None:
