@@ -159,18 +159,16 @@ def test_events_in_a_refused_run_do_not_stop_the_watcher(tmp_path: Path, tiny_ru
 
 
 def test_root_config_errors(tmp_path: Path) -> None:
-    both = tmp_path / "both.yaml"
-    both.write_text(f"base_model: x\nwatch: {{dir: {tmp_path}, root: {tmp_path}}}\n{SUITES}")
-    r = cli("validate", str(both))
-    assert r.returncode == 2 and "not both" in r.stderr
-    attached = tmp_path / "attached.yaml"
-    attached.write_text(f"base_model: x\nwatch: {{root: {tmp_path}}}\nmlflow: {{run_id: abc}}\n{SUITES}")
-    r = cli("validate", str(attached))
-    assert r.returncode == 2 and "mlflow.run_id" in r.stderr
-    named = tmp_path / "named.yaml"
-    named.write_text(f"base_model: x\nrun_name: r1\nwatch: {{root: {tmp_path}}}\n{SUITES}")
-    r = cli("validate", str(named))
-    assert r.returncode == 2 and "run_name" in r.stderr
+    cases = {  # config body → what the error names
+        f"watch: {{dir: {tmp_path}, root: {tmp_path}}}": "not both",
+        f"watch: {{root: {tmp_path}}}\nmlflow: {{run_id: abc}}": "mlflow.run_id",
+        f"run_name: r1\nwatch: {{root: {tmp_path}}}": "run_name",
+    }
+    for i, (body, named) in enumerate(cases.items()):
+        cfg = tmp_path / f"bad-{i}.yaml"
+        cfg.write_text(f"base_model: x\n{body}\n{SUITES}")
+        r = cli("validate", str(cfg))
+        assert r.returncode == 2 and named in r.stderr, (body, r.stderr)
     plain = tmp_path / "plain.yaml"
     plain.write_text(f"base_model: x\n{SUITES}")
     r = cli("run", "-c", str(plain), "--watch", str(tmp_path), "--root", str(tmp_path), "--once")
